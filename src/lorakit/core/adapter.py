@@ -1,0 +1,63 @@
+"""The one adapter abstraction every method family subclasses."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lorakit.core.config import AdapterConfig
+
+
+class Adapter(nn.Module):
+    """One method's update for one layer.
+
+    A subclass implements the two maps that define a method:
+
+    - ``forward(x, base_out, base) -> out``: the adapted output given the input, the frozen
+      base layer's output on that input, and the base layer itself (methods whose update
+      depends on W, such as DoRA or Bone, read it from `base`).
+    - ``delta_weight(base_weight) -> dW`` with W' = W + dW, in the (out, in) layout whatever
+      the base layer's storage; merge, unmerge and export use it.
+
+    Trainable parameters are ordinary `nn.Parameter`s. Parameter names are the suffixes of the
+    keys in the adapter file, so methods that PEFT has use PEFT's names.
+    """
+
+    def __init__(self, config: AdapterConfig, in_features: int, out_features: int, module_name: str):
+        super().__init__()
+        self.config = config
+        self.in_features = in_features
+        self.out_features = out_features
+        self.module_name = module_name
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement forward")
+
+    def delta_weight(self, base_weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement delta_weight")
+
+    def initialise_from_base(self, base_weight: torch.Tensor) -> None:
+        """Hook run by `inject` once the factors are final (after any initialiser that rewrites
+        W), for state computed from the base weight, such as DoRA's magnitude. Default: none."""
+
+    def merge_delta(self, base_weight: torch.Tensor) -> torch.Tensor:
+        """dW to add when merging into `base_weight`. Methods whose dW depends on W cache here
+        whatever `unmerge_delta` needs to undo the merge exactly."""
+        return self.delta_weight(base_weight)
+
+    def unmerge_delta(self, merged_weight: torch.Tensor) -> torch.Tensor:
+        """dW to subtract from a weight this adapter was merged into."""
+        return self.delta_weight(merged_weight)
+
+    def factors(self) -> list[tuple[nn.Parameter, nn.Parameter]]:
+        """(A, B) pairs with dW proportional to B @ A, for optimisers that treat factors jointly
+        (LoRA+, LoRA-Pro); empty for methods whose update is not such a product."""
+        return []
+
+    def file_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors written to the adapter file, keyed by their suffix after the module path."""
+        return {key: value.detach() for key, value in self.state_dict().items()}
+
+    def load_file_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy tensors from a file (keys as in `file_tensors`; shapes already checked)."""
+        self.load_state_dict(tensors, strict=True)

@@ -1,0 +1,5 @@
+"""Adapter families; importing this package registers every method."""
+
+from lorakit.methods.lora import LoraAdapter, LoraConfig
+
+__all__ = ["LoraAdapter", "LoraConfig"]
