@@ -132,6 +132,7 @@ def inject(model: nn.Module, config: AdapterConfig, name: str = "default", *, re
         in_features, out_features = layer_features(layer.base)
         adapter = spec.adapter_cls(config, in_features, out_features, path)
         adapter.to(device=layer.base.weight.device)
+        adapter.train(model.training)
         layer.add_adapter(name, adapter)
         layers.append(layer)
     # Only adapter parameters train; `requires_grad` set in the adapter's constructor is kept.
@@ -151,11 +152,14 @@ def inject(model: nn.Module, config: AdapterConfig, name: str = "default", *, re
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
-    """Remove adapter `name` (unmerged) from every layer; the base weight is left as it is."""
+    """Remove adapter `name` (unmerged) from every layer; the base weight is left as it is.
+    A layer left without adapters is given back its plain base layer."""
     _require_adapters(model, [name])
-    for _, layer in adapted_layers(model):
+    for path, layer in list(adapted_layers(model)):
         if name in layer.adapters:
             layer.remove_adapter(name)
+            if not layer.adapters:
+                _replace_module(model, path, layer.base)
     configs = dict(adapter_configs(model))
     configs.pop(name)
     object.__setattr__(model, CONFIGS_ATTR, configs)

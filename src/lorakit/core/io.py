@@ -203,12 +203,15 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
     folder, config = read_adapter_config(directory, name)
     tensors = read_adapter_tensors(folder)
     # Inject without touching W; a W-rewriting initialiser runs only after the file checked out.
+    requires_grad = {id(p): p.requires_grad for p in model.parameters()}
     inject(model, config, name, rewrite_weights=False)
     try:
         expected = adapter_state(model, name, for_untouched_base=False)
         _check_tensors(expected, tensors, folder / WEIGHTS_NAME)
     except BaseException:
         delete_adapter(model, name)
+        for param in model.parameters():
+            param.requires_grad_(requires_grad.get(id(param), param.requires_grad))
         raise
     layers = [(path, layer) for path, layer in adapted_layers(model) if name in layer.adapters]
     # Files saved with a W-rewriting init (PEFT's default for PiSSA/OLoRA) hold factors relative

@@ -264,19 +264,24 @@ class LoraAdapter(Adapter):
         return (magnitude_scale - 1) * weight + magnitude_scale * lora_delta
 
     def merge_delta(self, base_weight: torch.Tensor) -> torch.Tensor:
-        if self.lora_magnitude_vector is not None:
-            self._dora_merge_norm = self._column_norm(base_weight.to(self.lora_A.weight.dtype))
-        return self.delta_weight(base_weight)
+        if self.lora_magnitude_vector is None:
+            return self.delta_weight(base_weight)
+        # float64: unmerging divides by m / n, which amplifies fp32 rounding where m / n is small.
+        weight = base_weight.double()
+        combined = weight + self.scaling * self.lora_weight().double()
+        self._dora_merge_norm = torch.linalg.norm(combined, dim=1)
+        magnitude_scale = (self.lora_magnitude_vector.double() / self._dora_merge_norm).unsqueeze(1)
+        return magnitude_scale * combined - weight
 
     def unmerge_delta(self, merged_weight: torch.Tensor) -> torch.Tensor:
-        lora_delta = self.scaling * self.lora_weight()
         if self.lora_magnitude_vector is None:
-            return lora_delta
+            return self.scaling * self.lora_weight()
         # W' = (m / n) (W + s B A)  =>  W = W' n / m - s B A, with n cached at merge time.
-        magnitude_scale = (self.lora_magnitude_vector / self._dora_merge_norm).unsqueeze(1)
-        original = merged_weight.to(lora_delta.dtype) / magnitude_scale - lora_delta
+        merged = merged_weight.double()
+        magnitude_scale = (self.lora_magnitude_vector.double() / self._dora_merge_norm).unsqueeze(1)
+        original = merged / magnitude_scale - self.scaling * self.lora_weight().double()
         self._dora_merge_norm = None
-        return merged_weight.to(lora_delta.dtype) - original
+        return merged - original
 
     def factors(self) -> list[tuple[nn.Parameter, nn.Parameter]]:
         return [(self.lora_A.weight, self.lora_B.weight)]
