@@ -213,19 +213,34 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
         for param in model.parameters():
             param.requires_grad_(requires_grad.get(id(param), param.requires_grad))
         raise
-    layers = [(path, layer) for path, layer in adapted_layers(model) if name in layer.adapters]
     # Files saved with a W-rewriting init (PEFT's default for PiSSA/OLoRA) hold factors relative
     # to W_res: rebuild W_res from this base the way PEFT does, then load the trained factors.
     rewrite = weight_initialiser(getattr(config, "init", None) or "")
     if rewrite is not None:
-        for _, layer in layers:
-            rewrite(layer, name)
-    for path, layer in layers:
-        adapter = layer.adapters[name]
-        prefix = f"{KEY_PREFIX}{path}."
-        own = {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
-        adapter.load_file_tensors(own)
-        for param in adapter.parameters():
-            param.requires_grad_(trainable and param.requires_grad)
+        for _, layer in adapted_layers(model):
+            if name in layer.adapters:
+                rewrite(layer, name)
+    _copy_tensors(model, name, tensors)
+    for _, layer in adapted_layers(model):
+        if name in layer.adapters:
+            for param in layer.adapters[name].parameters():
+                param.requires_grad_(trainable and param.requires_grad)
     return model
 
+
+def load_adapter_weights(model: nn.Module, directory: str | os.PathLike, name: str = "default") -> nn.Module:
+    """Copy the tensors of a saved adapter into the already injected adapter `name` (a training
+    checkpoint into its own run, say). Keys and shapes are checked before anything is copied."""
+    folder = _resolve_folder(Path(directory), name)
+    tensors = read_adapter_tensors(folder)
+    _check_tensors(adapter_state(model, name, for_untouched_base=False), tensors, folder / WEIGHTS_NAME)
+    _copy_tensors(model, name, tensors)
+    return model
+
+
+def _copy_tensors(model: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    for path, layer in adapted_layers(model):
+        if name in layer.adapters:
+            prefix = f"{KEY_PREFIX}{path}."
+            own = {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
+            layer.adapters[name].load_file_tensors(own)

@@ -1,0 +1,121 @@
+"""`TrainConfig`: everything `lorakit train` needs, with a default for every field.
+
+Read from one YAML file and/or command-line flags; the adapter's own hyperparameters sit in the
+`adapter` mapping and are checked by the method's config class (e.g. `LoraConfig.validate`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lorakit.core.errors import ConfigError
+from lorakit.core.registry import method_spec
+
+DEFAULT_ADAPTER = {"r": 16, "alpha": 32.0, "dropout": 0.0, "target_modules": "all-linear"}
+
+
+@dataclass
+class TrainConfig:
+    """model: embedded default name, local HF folder, .gguf file, or a hub id already in the cache.
+    data: None for the built-in default task; else a JSONL/JSON/CSV file or folder, or a cached HF dataset.
+    eval_data: held-out file; None splits `eval_fraction` of `data` off by a hash of each prompt.
+    prompt_field / response_field: override the auto-detected record layout.
+    method / adapter: the adapter family and its config fields.
+    output_dir: run folder (adapter/, checkpoints/, metrics.json, config.yaml, loss_curve.png).
+    max_steps, batch_size, gradient_accumulation_steps, learning_rate, weight_decay, warmup_steps,
+    lr_scheduler: optimisation (AdamW). save_steps: checkpoint every N steps (0: never).
+    eval_examples: held-out examples scored (loss and exact match); max_new_tokens for generation.
+    """
+
+    model: str = "smollm2-135m-instruct"
+    data: str | None = None
+    eval_data: str | None = None
+    eval_fraction: float = 0.1
+    prompt_field: str | None = None
+    response_field: str | None = None
+    train_examples: int | None = None
+    method: str = "lora"
+    adapter: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_ADAPTER))
+    output_dir: str | None = None
+    max_steps: int = 60
+    batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 2e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 5
+    lr_scheduler: str = "linear"
+    max_length: int = 128
+    seed: int = 0
+    logging_steps: int = 5
+    save_steps: int = 20
+    eval_examples: int = 100
+    eval_batch_size: int = 32
+    max_new_tokens: int = 16
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.output_dir is None:
+            self.output_dir = str(Path("runs") / time.strftime("lorakit-%Y%m%d-%H%M%S"))
+
+    def adapter_config(self):
+        spec = method_spec(self.method)
+        config = spec.config_cls.from_dict(dict(self.adapter))
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "max_length", "eval_batch_size",
+                     "max_new_tokens", "logging_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name}={value!r} is invalid: it must be a positive integer")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"learning_rate={self.learning_rate!r} is invalid: it must be > 0")
+        if not 0 < self.eval_fraction < 1:
+            raise ConfigError(f"eval_fraction={self.eval_fraction!r} is invalid: it must lie in (0, 1)")
+        if self.save_steps < 0 or self.eval_examples < 0 or self.warmup_steps < 0:
+            raise ConfigError("save_steps, eval_examples and warmup_steps must be >= 0")
+        self.adapter_config()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown training config field(s) {unknown}; known fields: {sorted(known)}")
+        data = dict(data)
+        if "adapter" in data:
+            data["adapter"] = {**(DEFAULT_ADAPTER if data.get("method", "lora") == "lora" else {}), **(data["adapter"] or {})}
+        return cls(**data)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "TrainConfig":
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a mapping of config fields, got {type(data).__name__}")
+        return cls.from_dict(merge_overrides(data, overrides or {}))
+
+
+def merge_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(data)
+    for key, value in overrides.items():
+        if key == "adapter":
+            merged["adapter"] = {**(merged.get("adapter") or {}), **value}
+        else:
+            merged[key] = value
+    return merged

@@ -1,0 +1,194 @@
+"""`lorakit train`: fine-tune, evaluate before and after, write a run folder.
+
+Built on `transformers.Trainer`, so `accelerate launch` / `torchrun` give DDP or FSDP without
+any distributed code of ours. Checkpoints hold only the adapter (safetensors) plus the
+optimizer, scheduler and RNG states Trainer keeps, so `resume` continues a killed run and
+reaches the same adapter as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from transformers import Trainer, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from lorakit.core.errors import ConfigError
+from lorakit.core.inject import inject, trainable_parameters
+from lorakit.core.io import atomic_write_bytes, atomic_write_json, load_adapter_weights, save_adapter
+from lorakit.data import DataCollator, Example, default_task, encode, load_records, to_example
+from lorakit.models import load as load_model
+from lorakit.train.config import TrainConfig
+from lorakit.train.evaluate import evaluate
+
+ADAPTER_NAME = "default"
+
+
+class AdapterTrainer(Trainer):
+    """Trainer whose checkpoints hold the adapter only, in lorakit's (PEFT) format."""
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if not self.args.should_save:
+            return
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        # Raw factors (PiSSA/OLoRA un-converted): resuming re-runs the initialiser on the base.
+        save_adapter(model, output_dir or self.args.output_dir, ADAPTER_NAME, for_untouched_base=False)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        model = self.accelerator.unwrap_model(model if model is not None else self.model, keep_torch_compile=False)
+        load_adapter_weights(model, resume_from_checkpoint, ADAPTER_NAME)
+
+
+def _prompt_hash(example: Example) -> int:
+    text = json.dumps(example.messages, sort_keys=True)
+    return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
+
+
+def prepare_examples(config: TrainConfig) -> tuple[list[Example], list[Example]]:
+    """(train, held-out) examples; a held-out prompt never appears in the training split."""
+    if config.data is None:
+        train_records, eval_records = default_task(seed=config.seed)
+    else:
+        data = Path(config.data)
+        train_records = load_records(config.data, split="train" if data.is_dir() or not data.exists() else None)
+        eval_records = load_records(config.eval_data) if config.eval_data else None
+    fields = dict(prompt_field=config.prompt_field, response_field=config.response_field)
+    train = [to_example(r, **fields) for r in train_records]
+    if eval_records is None:
+        # Split by a hash of the prompt, so duplicates of a prompt land on the same side.
+        threshold = int(config.eval_fraction * 2**32)
+        held_out = [e for e in train if _prompt_hash(e) < threshold]
+        train = [e for e in train if _prompt_hash(e) >= threshold]
+    else:
+        held_out = [to_example(r, **fields) for r in eval_records]
+        seen = {_prompt_hash(e) for e in train}
+        held_out = [e for e in held_out if _prompt_hash(e) not in seen]
+    if config.train_examples:
+        train = train[: config.train_examples]
+    if not train or not held_out:
+        raise ConfigError(
+            f"need training and held-out examples, got {len(train)} and {len(held_out)}; "
+            "add data or pass eval_data"
+        )
+    return train, held_out[: config.eval_examples] if config.eval_examples else held_out
+
+
+def plot_loss_curve(log_history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry and "step" in entry]
+    figure, axis = plt.subplots(figsize=(6, 4))
+    if points:
+        axis.plot(*zip(*points), marker="o", markersize=3)
+    axis.set_xlabel("step")
+    axis.set_ylabel("training loss (response tokens)")
+    axis.set_title("lorakit train")
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    figure.savefig(tmp, dpi=100)
+    plt.close(figure)
+    os.replace(tmp, path)
+
+
+def format_table(before: dict, after: dict) -> str:
+    rows = [("eval loss", f"{before['loss']:.3f}", f"{after['loss']:.3f}"),
+            ("exact match", f"{100 * before['exact_match']:.1f}%", f"{100 * after['exact_match']:.1f}%")]
+    lines = [f"{'':<14}{'before':>10}{'after':>10}"] + [f"{a:<14}{b:>10}{c:>10}" for a, b, c in rows]
+    return "\n".join(lines)
+
+
+def train(config: TrainConfig, resume: bool = False, progress: bool = True, model=None, tokenizer=None) -> dict[str, Any]:
+    """Run one fine-tuning job as `config` describes; returns the metrics written to metrics.json.
+
+    `model`/`tokenizer` may be given to skip loading `config.model` (tests, notebooks).
+    """
+    config.validate()
+    run_dir = Path(config.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    atomic_write_bytes(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
+    set_seed(config.seed)
+    if model is None:
+        model, tokenizer = load_model(config.model)
+    train_examples, eval_examples = prepare_examples(config)
+    eval_kwargs = dict(max_length=config.max_length, max_new_tokens=config.max_new_tokens,
+                       batch_size=config.eval_batch_size, progress=progress)
+
+    before_path = run_dir / "metrics_before.json"
+    if resume and before_path.exists():
+        before = json.loads(before_path.read_text())
+    else:
+        if progress:
+            print(f"evaluating the base model on {len(eval_examples)} held-out examples ...", flush=True)
+        before = evaluate(model, tokenizer, eval_examples, **eval_kwargs)
+        atomic_write_json(before_path, before)
+
+    set_seed(config.seed)  # the adapter's random init must not depend on how much evaluation drew
+    inject(model, config.adapter_config(), ADAPTER_NAME)
+    trainable, total = trainable_parameters(model)
+    if progress:
+        print(f"{config.method}: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.2f}%)")
+
+    encoded = [encode(tokenizer, example, config.max_length) for example in train_examples]
+    checkpoints = run_dir / "checkpoints"
+    args = TrainingArguments(
+        output_dir=str(checkpoints),
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay,
+        warmup_steps=config.warmup_steps,
+        lr_scheduler_type=config.lr_scheduler,
+        logging_steps=config.logging_steps,
+        save_strategy="steps" if config.save_steps else "no",
+        save_steps=config.save_steps or 500,
+        save_total_limit=2,
+        seed=config.seed,
+        data_seed=config.seed,
+        report_to=[],
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=not progress,
+    )
+    trainer = AdapterTrainer(
+        model=model, args=args, train_dataset=encoded, data_collator=DataCollator.from_tokenizer(tokenizer),
+    )
+    last = get_last_checkpoint(str(checkpoints)) if resume and checkpoints.exists() else None
+    if resume and last is None and progress:
+        print(f"no checkpoint under {checkpoints}; starting from step 0")
+    result = trainer.train(resume_from_checkpoint=last)
+
+    after = evaluate(model, tokenizer, eval_examples, **eval_kwargs)
+    save_adapter(model, run_dir / "adapter", ADAPTER_NAME)
+    plot_loss_curve(trainer.state.log_history, run_dir / "loss_curve.png")
+    metrics = {
+        "before": before,
+        "after": after,
+        "train": {
+            "steps": trainer.state.global_step,
+            "train_loss": result.training_loss,
+            "seconds": result.metrics.get("train_runtime"),
+            "train_examples": len(train_examples),
+            "trainable_parameters": trainable,
+            "total_parameters": total,
+            "resumed_from": last,
+        },
+        "log_history": trainer.state.log_history,
+    }
+    atomic_write_json(run_dir / "metrics.json", metrics)
+    if progress:
+        print(format_table(before, after))
+        print(f"run folder: {run_dir} (adapter/, metrics.json, config.yaml, loss_curve.png)")
+    return metrics

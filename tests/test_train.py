@@ -1,0 +1,129 @@
+"""`lorakit train` end to end on a tiny model: run folder, PEFT-loadable adapter, resume after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import lorakit
+from lorakit.cli.main import main as cli_main
+from lorakit.train import TrainConfig, train
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_folder(tmp_path_factory) -> Path:
+    """A tiny random Llama with the default model's real tokenizer, saved as an HF folder."""
+    _, tokenizer = lorakit.models.load(lorakit.models.DEFAULT_MODEL)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("data")
+    rows = [{"prompt": f"Repeat the word: w{i}", "response": f"w{i}"} for i in range(60)]
+    path = folder / "train.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def tiny_config(model: Path, data: Path, output_dir: Path, **overrides) -> TrainConfig:
+    fields = dict(model=str(model), data=str(data), output_dir=str(output_dir), max_steps=6, batch_size=4,
+                  save_steps=2, logging_steps=1, eval_examples=8, max_new_tokens=4, eval_fraction=0.2,
+                  learning_rate=1e-2, adapter={"r": 4, "alpha": 8, "dropout": 0.1})
+    fields.update(overrides)
+    return TrainConfig.from_dict(fields)
+
+
+def test_train_writes_a_complete_run_folder(tmp_path, tiny_model_folder, tiny_data):
+    metrics = train(tiny_config(tiny_model_folder, tiny_data, tmp_path / "run"), progress=False)
+    run = tmp_path / "run"
+    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "metrics.json",
+                 "config.yaml", "loss_curve.png", "metrics_before.json"):
+        assert (run / name).exists(), name
+    assert metrics["train"]["steps"] == 6
+    assert set(metrics["before"]) >= {"loss", "exact_match"} and metrics["after"]["loss"] < metrics["before"]["loss"]
+    # The run's adapter is a PEFT adapter.
+    base = LlamaForCausalLM.from_pretrained(tiny_model_folder)
+    theirs = peft.PeftModel.from_pretrained(base, run / "adapter")
+    ours = lorakit.load_adapter(LlamaForCausalLM.from_pretrained(tiny_model_folder), run / "adapter")
+    ids = torch.tensor([[1, 5, 9, 200, 3000]])
+    with torch.no_grad():
+        assert (theirs(input_ids=ids).logits - ours(input_ids=ids).logits).abs().max() <= 1e-5
+
+
+KILLING_RUN = textwrap.dedent(
+    """
+    import os, signal, sys
+    sys.path.insert(0, {src!r})
+    from lorakit.train import runner
+    from lorakit.train.config import TrainConfig
+    import yaml
+
+    class KilledAfterCheckpoint(runner.AdapterTrainer):
+        def _save_checkpoint(self, model, trial):
+            super()._save_checkpoint(model, trial)
+            if self.state.global_step == 4:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    runner.AdapterTrainer = KilledAfterCheckpoint
+    config = TrainConfig.from_yaml({config!r})
+    runner.train(config, progress=False)
+    """
+)
+
+
+def test_resume_after_sigkill_reaches_the_same_adapter(tmp_path, tiny_model_folder, tiny_data):
+    straight = tiny_config(tiny_model_folder, tiny_data, tmp_path / "straight")
+    train(straight, progress=False)
+
+    interrupted = tiny_config(tiny_model_folder, tiny_data, tmp_path / "interrupted")
+    (tmp_path / "interrupted").mkdir()
+    config_file = tmp_path / "interrupted.yaml"
+    import yaml
+
+    config_file.write_text(yaml.safe_dump(interrupted.to_dict()))
+    script = KILLING_RUN.format(src=str(SRC), config=str(config_file))
+    killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert (tmp_path / "interrupted" / "checkpoints" / "checkpoint-4").exists()
+    assert not (tmp_path / "interrupted" / "adapter").exists()
+
+    assert cli_main(["train", "--resume", str(tmp_path / "interrupted"), "--quiet"]) == 0
+    metrics = json.loads((tmp_path / "interrupted" / "metrics.json").read_text())
+    assert metrics["train"]["resumed_from"].endswith("checkpoint-4")
+    resumed = load_file(tmp_path / "interrupted" / "adapter" / "adapter_model.safetensors")
+    reference = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
+    assert resumed.keys() == reference.keys()
+    for key in reference:
+        assert torch.allclose(resumed[key], reference[key], atol=1e-6), key
+
+
+def test_cli_rejects_bad_values_with_a_named_field(capsys):
+    assert cli_main(["train", "--r", "0", "--quiet"]) == 2
+    assert "r=0" in capsys.readouterr().err
+
+
+def test_missing_data_field_names_fields_found(tmp_path, tiny_model_folder):
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps({"question_text": "hi", "gold": "x"}) + "\n")
+    with pytest.raises(ValueError, match="question_text"):
+        train(tiny_config(tiny_model_folder, data, tmp_path / "run"), progress=False)
