@@ -233,3 +233,18 @@ def test_pissa_merge_into_rewritten_base_and_save_against_untouched_base(tmp_pat
     assert (model_output(model, INPUT) - adapted_out).abs().max() <= 1e-5
     reloaded = lorakit.load_adapter(tiny_llama(), tmp_path)
     assert (model_output(reloaded, INPUT) - adapted_out).abs().max() <= 1e-5
+
+
+def test_saved_config_has_only_keys_peft_knows_and_extras_survive(tmp_path):
+    import dataclasses
+
+    import peft
+
+    model = lorakit.inject(tiny_llama(), lorakit.LoraConfig(target_modules=["q_proj"], freeze_a=True))
+    lorakit.save_adapter(model, tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert set(saved) <= {f.name for f in dataclasses.fields(peft.LoraConfig)}
+    reloaded = lorakit.load_adapter(tiny_llama(), tmp_path, trainable=True)
+    assert lorakit.adapter_configs(reloaded)["default"].freeze_a
+    names = [n for n, p in reloaded.named_parameters() if p.requires_grad]
+    assert names and all(n.endswith("lora_B.weight") for n in names)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -27,6 +27,7 @@ from lorakit.core.registry import method_for_peft_type, method_spec, weight_init
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
+EXTRAS_KEY = "lorakit"  # lorakit-only fields (method, freeze_a, original init), never needed by PEFT
 PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "pytorch_model.bin")
 
 
@@ -116,7 +117,11 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
     directory = Path(directory)
     tensors = adapter_state(model, name, for_untouched_base)
     config = config_file_dict(model, name, for_untouched_base)
-    atomic_save_safetensors(directory / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
+    metadata = {"format": "pt"}
+    if config.get("peft_type"):
+        # PEFT warns about unknown config keys; our extras travel in the tensor file's metadata.
+        metadata[EXTRAS_KEY] = json.dumps(config.pop(EXTRAS_KEY, {}), sort_keys=True)
+    atomic_save_safetensors(directory / WEIGHTS_NAME, tensors, metadata=metadata)
     atomic_write_json(directory / CONFIG_NAME, config)
     return directory
 
@@ -140,8 +145,10 @@ def read_adapter_config(directory: str | os.PathLike, name: str = "default") -> 
         data = json.loads((folder / CONFIG_NAME).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise AdapterFileError(f"{folder / CONFIG_NAME} is not valid JSON ({err})") from None
+    if EXTRAS_KEY not in data:
+        data[EXTRAS_KEY] = _extras_from_metadata(folder / WEIGHTS_NAME)
     peft_type = data.get("peft_type")
-    method = (data.get("lorakit") or {}).get("method")
+    method = (data.get(EXTRAS_KEY) or {}).get("method")
     spec = method_spec(method) if method else (method_for_peft_type(peft_type) if peft_type else None)
     if spec is None:
         raise AdapterFileError(
@@ -150,9 +157,21 @@ def read_adapter_config(directory: str | os.PathLike, name: str = "default") -> 
     if hasattr(spec.config_cls, "from_file_dict"):
         config = spec.config_cls.from_file_dict(data)
     else:
-        fields = {k: v for k, v in data.items() if k not in ("peft_type", "lorakit", "task_type", "base_model_name_or_path", "inference_mode")}
+        fields = {k: v for k, v in data.items() if k not in ("peft_type", EXTRAS_KEY, "task_type", "base_model_name_or_path", "inference_mode")}
         config = spec.config_cls.from_dict(fields)
     return folder, config
+
+
+def _extras_from_metadata(weights: Path) -> dict[str, Any]:
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            text = (handle.metadata() or {}).get(EXTRAS_KEY)
+    except (SafetensorError, OSError, ValueError):
+        return {}  # a missing or corrupt tensor file is reported when the tensors are read
+    try:
+        return json.loads(text) if text else {}
+    except json.JSONDecodeError:
+        return {}
 
 
 def read_adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up (first time only), then run the whole test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export HF_HUB_OFFLINE=1
+exec .venv/bin/python -m pytest "$@"
