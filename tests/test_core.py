@@ -248,3 +248,15 @@ def test_saved_config_has_only_keys_peft_knows_and_extras_survive(tmp_path):
     assert lorakit.adapter_configs(reloaded)["default"].freeze_a
     names = [n for n, p in reloaded.named_parameters() if p.requires_grad]
     assert names and all(n.endswith("lora_B.weight") for n in names)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_rank_above_layer_size_is_refused_for_weight_inits(init):
+    model = tiny_llama()
+    reference = model_output(model, INPUT)
+    with pytest.raises(lorakit.ConfigError, match="r <= min\\(in, out\\) = 16"):
+        # q_proj (32 x 32) is rewritten before k_proj (16 x 32) fails: the failure must undo it.
+        lorakit.inject(model, lorakit.LoraConfig(r=20, target_modules=["q_proj", "k_proj"], init=init))
+    assert_model_untouched(model)
+    assert all(p.requires_grad for p in model.parameters())
+    assert (model_output(model, INPUT) - reference).abs().max() <= 1e-5

@@ -124,28 +124,38 @@ def inject(model: nn.Module, config: AdapterConfig, name: str = "default", *, re
     spec = method_spec(config.method)
     targets = find_targets(model, config.target_modules)
 
+    requires_grad = {id(p): p.requires_grad for p in model.parameters()}
     for param in model.parameters():
         param.requires_grad_(False)
-    layers = []
-    for path in targets:
-        layer = _wrap(model, path)
-        in_features, out_features = layer_features(layer.base)
-        adapter = spec.adapter_cls(config, in_features, out_features, path)
-        adapter.to(device=layer.base.weight.device)
-        adapter.train(model.training)
-        layer.add_adapter(name, adapter)
-        layers.append(layer)
     # Only adapter parameters train; `requires_grad` set in the adapter's constructor is kept.
-    configs = {**configs, name: config}
-    object.__setattr__(model, CONFIGS_ATTR, configs)
-
+    object.__setattr__(model, CONFIGS_ATTR, {**configs, name: config})
     init_name = getattr(config, "init", "default")
     rewrite = weight_initialiser(init_name) if rewrite_weights and isinstance(init_name, str) else None
-    if rewrite is not None:
+    try:
+        layers = []
+        for path in targets:
+            layer = _wrap(model, path)
+            in_features, out_features = layer_features(layer.base)
+            adapter = spec.adapter_cls(config, in_features, out_features, path)
+            adapter.to(device=layer.base.weight.device)
+            adapter.train(model.training)
+            layer.add_adapter(name, adapter)
+            layers.append(layer)
+        if rewrite is not None:
+            for layer in layers:
+                rewrite(layer, name)
         for layer in layers:
-            rewrite(layer, name)
-    for layer in layers:
-        layer.adapters[name].initialise_from_base(layer.weight_out_in())
+            layer.adapters[name].initialise_from_base(layer.weight_out_in())
+    except BaseException:
+        # Leave the model as it was: W given back, wrappers and flags undone.
+        for _, layer in adapted_layers(model):
+            restore = getattr(layer.adapters[name], "restore_rewritten_weight", None) if name in layer.adapters else None
+            if restore is not None:
+                restore(layer)
+        delete_adapter(model, name)
+        for param in model.parameters():
+            param.requires_grad_(requires_grad.get(id(param), param.requires_grad))
+        raise
     if not any(layer.active for _, layer in adapted_layers(model)):
         set_active(model, [name])
     return model

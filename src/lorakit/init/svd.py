@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from lorakit.core.errors import ConfigError
 from lorakit.core.layer import AdaptedLinear
 from lorakit.core.registry import register_weight_initialiser
 
@@ -27,6 +28,15 @@ def _principal_factors(weight: torch.Tensor, r: int, niter: int | None) -> tuple
         return U[:, :r], S[:r], Vh[:r]
     U, S, V = torch.svd_lowrank(weight, q=r, niter=niter)
     return U, S, V.T
+
+
+def _rank_that_fits(layer: AdaptedLinear, adapter, method: str) -> int:
+    if adapter.r > min(layer.in_features, layer.out_features):
+        raise ConfigError(
+            f"{method} needs r <= min(in, out) = {min(layer.in_features, layer.out_features)} for "
+            f"{adapter.module_name}, got r={adapter.r}; lower r or exclude that layer"
+        )
+    return adapter.r
 
 
 def _rewrite(layer: AdaptedLinear, adapter_name: str, A: torch.Tensor, B: torch.Tensor) -> None:
@@ -43,12 +53,7 @@ def _rewrite(layer: AdaptedLinear, adapter_name: str, A: torch.Tensor, B: torch.
 @register_weight_initialiser("pissa")
 def pissa_init(layer: AdaptedLinear, adapter_name: str) -> None:
     adapter = layer.adapters[adapter_name]
-    r = adapter.r
-    if r > min(layer.in_features, layer.out_features):
-        raise ValueError(
-            f"PiSSA needs r <= min(in, out) = {min(layer.in_features, layer.out_features)} for "
-            f"{adapter.module_name}, got r={r}; lower r or exclude that layer"
-        )
+    r = _rank_that_fits(layer, adapter, "PiSSA")
     U, S, Vh = _principal_factors(layer.weight_out_in().float(), r, adapter.config.pissa_niter_k)
     root = torch.sqrt(S / adapter.scaling)
     _rewrite(layer, adapter_name, A=root[:, None] * Vh, B=U * root[None, :])
@@ -57,11 +62,6 @@ def pissa_init(layer: AdaptedLinear, adapter_name: str) -> None:
 @register_weight_initialiser("olora")
 def olora_init(layer: AdaptedLinear, adapter_name: str) -> None:
     adapter = layer.adapters[adapter_name]
-    r = adapter.r
-    if r > min(layer.in_features, layer.out_features):
-        raise ValueError(
-            f"OLoRA needs r <= min(in, out) = {min(layer.in_features, layer.out_features)} for "
-            f"{adapter.module_name}, got r={r}; lower r or exclude that layer"
-        )
+    r = _rank_that_fits(layer, adapter, "OLoRA")
     Q, R = torch.linalg.qr(layer.weight_out_in().float())
     _rewrite(layer, adapter_name, A=R[:r].contiguous(), B=Q[:, :r].contiguous())
