@@ -38,11 +38,36 @@ class AdaptedLinear(nn.Module):
             raise TypeError(f"AdaptedLinear wraps nn.Linear or Conv1D, got {type(base).__name__}")
         self.base = base
         self.adapters = nn.ModuleDict()
-        self.active: list[str] = []
+        self._active: list[str] = []
         self.merged: list[str] = []
-        self.adapters_disabled = False
+        self._adapters_disabled = False
+        self._running: tuple[Adapter, ...] = ()  # active, unmerged adapters; rebuilt on change, not per call
         self.fan_in_fan_out = not isinstance(base, nn.Linear)
         self.in_features, self.out_features = layer_features(base)
+
+    @property
+    def active(self) -> list[str]:
+        return list(self._active)
+
+    @active.setter
+    def active(self, names: list[str]) -> None:
+        self._active = list(names)
+        self._refresh_running()
+
+    @property
+    def adapters_disabled(self) -> bool:
+        return self._adapters_disabled
+
+    @adapters_disabled.setter
+    def adapters_disabled(self, value: bool) -> None:
+        self._adapters_disabled = bool(value)
+        self._refresh_running()
+
+    def _refresh_running(self) -> None:
+        names = [] if self._adapters_disabled else [
+            n for n in self._active if n not in self.merged and n in self.adapters
+        ]
+        self._running = tuple(self.adapters[n] for n in names)
 
     # Code elsewhere in transformers reads `.weight` / `.bias` of projection layers.
     @property
@@ -62,26 +87,24 @@ class AdaptedLinear(nn.Module):
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists on this layer")
         self.adapters[name] = adapter
+        self._refresh_running()
 
     def remove_adapter(self, name: str) -> None:
         if name in self.merged:
             raise ValueError(f"adapter {name!r} is merged; unmerge it before removing it")
         del self.adapters[name]
-        if name in self.active:
-            self.active.remove(name)
+        self.active = [n for n in self._active if n != name]
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         base_out = self.base(x, *args, **kwargs)
-        if self.adapters_disabled:
-            return base_out
-        running = [name for name in self.active if name not in self.merged and name in self.adapters]
+        running = self._running
         if not running:
             return base_out
         if len(running) == 1:
-            return self.adapters[running[0]](x, base_out, self.base)
+            return running[0](x, base_out, self.base)
         out = base_out
-        for name in running:
-            out = out + (self.adapters[name](x, base_out, self.base) - base_out)
+        for adapter in running:
+            out = out + (adapter(x, base_out, self.base) - base_out)
         return out
 
     @torch.no_grad()
@@ -92,6 +115,7 @@ class AdaptedLinear(nn.Module):
         delta = self.adapters[name].merge_delta(weight)
         weight.copy_((weight.to(delta.dtype) + delta).to(weight.dtype))
         self.merged.append(name)
+        self._refresh_running()
 
     @torch.no_grad()
     def unmerge(self, name: str) -> None:
@@ -107,6 +131,7 @@ class AdaptedLinear(nn.Module):
         delta = self.adapters[name].unmerge_delta(weight)
         weight.copy_((weight.to(delta.dtype) - delta).to(weight.dtype))
         self.merged.pop()
+        self._refresh_running()
 
     def extra_repr(self) -> str:
         return f"active={self.active}, merged={self.merged}"

@@ -205,6 +205,7 @@ class LoraAdapter(Adapter):
         nn.init.zeros_(self.lora_B.weight)
         self.lora_A.weight.requires_grad_(not config.freeze_a)
         self.register_parameter("lora_magnitude_vector", None)  # DoRA's m, set by initialise_from_base
+        self.use_dora = False  # a plain flag: reading a None parameter goes through Module.__getattr__
         self._dora_merge_norm: torch.Tensor | None = None
 
     # --- hooks called by inject / the initialisers ---------------------------------------
@@ -213,6 +214,7 @@ class LoraAdapter(Adapter):
         if self.config.use_dora:
             norm = self._column_norm(base_weight.to(self.lora_A.weight.dtype))
             self.lora_magnitude_vector = nn.Parameter(norm.clone())
+            self.use_dora = True
 
     def remember_initial_factors(self) -> None:
         """Called by initialisers that moved s B0 A0 out of W, so saves stay exact on the untouched base."""
@@ -238,11 +240,12 @@ class LoraAdapter(Adapter):
         return torch.linalg.norm(base_weight + self.scaling * self.lora_weight(), dim=1)
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base: nn.Module) -> torch.Tensor:
-        x = x.to(self.lora_A.weight.dtype)
+        if x.dtype != self.lora_A.weight.dtype:  # a no-op .to() still costs a dispatch per layer
+            x = x.to(self.lora_A.weight.dtype)
         dropped = self.lora_dropout(x)
         update = self.lora_B(self.lora_A(dropped)) * self.scaling
-        if self.lora_magnitude_vector is None:
-            return base_out + update.to(base_out.dtype)
+        if not self.use_dora:
+            return base_out + (update if update.dtype == base_out.dtype else update.to(base_out.dtype))
         weight = base.weight.T if not isinstance(base, nn.Linear) else base.weight
         weight = weight.to(x.dtype)
         norm = self._column_norm(weight).detach()  # DoRA section 4.3: no gradient through the norm
