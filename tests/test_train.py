@@ -127,3 +127,13 @@ def test_missing_data_field_names_fields_found(tmp_path, tiny_model_folder):
     data.write_text(json.dumps({"question_text": "hi", "gold": "x"}) + "\n")
     with pytest.raises(ValueError, match="question_text"):
         train(tiny_config(tiny_model_folder, data, tmp_path / "run"), progress=False)
+
+
+def test_default_settings_are_the_ones_measured_on_the_default_task():
+    from lorakit.data.default_task import RECOMMENDED
+
+    config = TrainConfig()
+    assert (config.max_steps, config.batch_size, config.learning_rate, config.warmup_steps, config.max_new_tokens) == (
+        RECOMMENDED["steps"], RECOMMENDED["batch_size"], RECOMMENDED["lr"], RECOMMENDED["warmup_steps"],
+        RECOMMENDED["max_new_tokens"])
+    assert config.max_length >= RECOMMENDED["max_length"]

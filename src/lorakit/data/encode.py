@@ -69,13 +69,14 @@ def encode(tokenizer, example: Example, max_length: int) -> dict[str, list[int]]
         )
     prompt_ids = encode_prompt(tokenizer, example)
     # Tokenized on its own, without BOS, exactly as the model will emit it after the prompt.
-    response_ids = list(tokenizer(example.response, add_special_tokens=False)["input_ids"]) + [eos_id]
+    response_ids = list(tokenizer(example.response, add_special_tokens=False)["input_ids"])
+    response_ids.append(eos_id)
     room_for_prompt = max_length - len(response_ids)
     if room_for_prompt < 1:
         raise ValueError(
-            f"The response is {len(response_ids)} tokens including eos, which leaves no room for the "
-            f"prompt within max_length={max_length}. Raise max_length above {len(response_ids)} "
-            f"or shorten the response (it starts: {example.response[:80]!r})."
+            f"The response is {len(response_ids)} tokens including eos, which leaves no room "
+            f"for the prompt within max_length={max_length}. Raise max_length above "
+            f"{len(response_ids)} or shorten the response (it starts: {example.response[:80]!r})."
         )
     prompt_ids = prompt_ids[-room_for_prompt:]
     input_ids = prompt_ids + response_ids
@@ -107,7 +108,10 @@ class DataCollator:
         if self.padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be 'right' or 'left', got {self.padding_side!r}.")
         if self.pad_token_id is None:
-            raise ValueError("pad_token_id is None; give the tokenizer a pad token (lorakit.models.load does).")
+            raise ValueError(
+                "pad_token_id is None; give the tokenizer a pad token "
+                "(lorakit.models.load does)."
+            )
 
     @classmethod
     def from_tokenizer(cls, tokenizer, padding_side: str = "right") -> DataCollator:

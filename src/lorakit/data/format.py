@@ -77,7 +77,9 @@ def to_example(
         DataFormatError: no accepted layout matches; the message lists the record's fields.
     """
     if not isinstance(record, dict):
-        raise DataFormatError(f"A record must be a dict, got {type(record).__name__}: {record!r:.200}")
+        raise DataFormatError(
+            f"A record must be a dict, got {type(record).__name__}: {record!r:.200}"
+        )
     if prompt_field is not None or response_field is not None:
         prompt_key = prompt_field or _detect(record, [p for p, _ in PAIR_LAYOUTS], "prompt")
         response_key = response_field or _detect(record, [r for _, r in PAIR_LAYOUTS], "response")
@@ -128,7 +130,8 @@ def _prompt_messages(record: dict, prompt: str) -> list[dict]:
 def _chat_example(messages: object) -> Example:
     if not isinstance(messages, list) or not messages:
         raise DataFormatError(
-            f"'messages' must be a non-empty list of {{role, content}} dicts, got {messages!r:.200}."
+            "'messages' must be a non-empty list of {role, content} dicts, "
+            f"got {messages!r:.200}."
         )
     for index, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
@@ -137,8 +140,9 @@ def _chat_example(messages: object) -> Example:
             )
         if not isinstance(message["content"], str):
             raise DataFormatError(
-                f"messages[{index}]['content'] must be text, got {type(message['content']).__name__}; "
-                "multi-part (e.g. image) contents are not supported."
+                f"messages[{index}]['content'] must be text, "
+                f"got {type(message['content']).__name__}; multi-part (e.g. image) contents "
+                "are not supported."
             )
     if messages[-1]["role"] != "assistant":
         raise DataFormatError(
@@ -146,7 +150,9 @@ def _chat_example(messages: object) -> Example:
             f"is {messages[-1]['role']!r}. Drop trailing turns or add the assistant's reply."
         )
     if len(messages) < 2:
-        raise DataFormatError("'messages' holds only the assistant's answer; it needs a prompt turn before it.")
+        raise DataFormatError(
+            "'messages' holds only the assistant's answer; it needs a prompt turn before it."
+        )
     prompt = [{"role": m["role"], "content": m["content"]} for m in messages[:-1]]
     return Example(prompt, messages[-1]["content"])
 

@@ -181,14 +181,18 @@ def _read_delimited(path: Path, delimiter: str) -> list[dict]:
     with path.open(encoding="utf-8", newline="") as handle:
         reader = csv.DictReader(handle, delimiter=delimiter, quoting=quoting)
         if not reader.fieldnames:
-            raise DataFormatError(f"{str(path)!r} has no header row; the first row must name the columns.")
+            raise DataFormatError(
+                f"{str(path)!r} has no header row; the first row must name the columns."
+            )
         records = []
         for record in reader:
             if None in record or None in record.values():
-                # DictReader files surplus cells under the key None and fills missing ones with None.
+                # DictReader files surplus cells under the key None, and fills missing ones
+                # with None.
                 raise DataFormatError(
-                    f"{str(path)!r} line {reader.line_num} has a different number of cells than "
-                    f"the header ({len(reader.fieldnames)} columns: {', '.join(reader.fieldnames)})."
+                    f"{str(path)!r} line {reader.line_num} has a different number of cells "
+                    f"than the header ({len(reader.fieldnames)} columns: "
+                    f"{', '.join(reader.fieldnames)})."
                 )
             records.append(record)
     return records

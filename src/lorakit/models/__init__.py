@@ -19,7 +19,12 @@ import re
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from lorakit.models.gguf import (
     cache_dir,
@@ -107,7 +112,8 @@ def load(
         raise ModelNotFoundError(
             f"Could not load a model from {folder!r} using local files only: {error}. "
             "lorakit never downloads models; pass a complete local Hugging Face folder, a .gguf "
-            "file, or pre-populate the Hugging Face cache (e.g. `huggingface-cli download ORG/NAME`)."
+            "file, or pre-populate the Hugging Face cache "
+            "(e.g. `huggingface-cli download ORG/NAME`)."
         ) from error
 
     if name_or_path is not None:

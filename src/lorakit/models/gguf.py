@@ -90,6 +90,8 @@ def ensure_converted(gguf_path: Path, target: Path, name_or_path: str) -> Path:
     _remove_stale_temp_folders(target.parent)
 
     temp = Path(tempfile.mkdtemp(prefix=f"{_TEMP_PREFIX}{target.name}-", dir=target.parent))
+    # mkdtemp makes the folder private (0700); the finished cache should read like any folder.
+    temp.chmod(0o755)
     try:
         logger.info("Converting %s to a plain Hugging Face folder (one-time, ~20 s)", gguf_path)
         _convert(gguf_path, temp, name_or_path)

@@ -43,17 +43,18 @@ class TrainConfig:
     method: str = "lora"
     adapter: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_ADAPTER))
     output_dir: str | None = None
-    max_steps: int = 60
-    batch_size: int = 16
+    # Defaults are the settings measured on the built-in task (lorakit.data.default_task.RECOMMENDED).
+    max_steps: int = 96
+    batch_size: int = 8
     gradient_accumulation_steps: int = 1
     learning_rate: float = 2e-3
     weight_decay: float = 0.0
-    warmup_steps: int = 5
-    lr_scheduler: str = "linear"
-    max_length: int = 128
+    warmup_steps: int = 3
+    lr_scheduler: str = "cosine"
+    max_length: int = 512
     seed: int = 0
     logging_steps: int = 5
-    save_steps: int = 20
+    save_steps: int = 32
     eval_examples: int = 100
     eval_batch_size: int = 32
     max_new_tokens: int = 16
