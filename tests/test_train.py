@@ -137,3 +137,14 @@ def test_default_settings_are_the_ones_measured_on_the_default_task():
         RECOMMENDED["steps"], RECOMMENDED["batch_size"], RECOMMENDED["lr"], RECOMMENDED["warmup_steps"],
         RECOMMENDED["max_new_tokens"])
     assert config.max_length >= RECOMMENDED["max_length"]
+
+
+def test_a_data_folder_with_a_test_file_uses_it_as_the_held_out_split(tmp_path):
+    from lorakit.train.runner import prepare_examples
+
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps({"question": f"q{i}", "answer": "a"}) for i in range(20)))
+    (tmp_path / "test.jsonl").write_text("\n".join(json.dumps({"question": f"t{i}", "answer": "b"}) for i in range(5))
+                                         + "\n" + json.dumps({"question": "q3", "answer": "a"}))
+    train_examples, held_out = prepare_examples(TrainConfig(data=str(tmp_path)))
+    assert len(train_examples) == 20
+    assert [e.response for e in held_out] == ["b"] * 5  # q3 also occurs in training, so it is dropped

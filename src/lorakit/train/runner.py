@@ -22,7 +22,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from lorakit.core.errors import ConfigError
 from lorakit.core.inject import inject, trainable_parameters
 from lorakit.core.io import atomic_write_bytes, atomic_write_json, load_adapter_weights, save_adapter
-from lorakit.data import DataCollator, Example, default_task, encode, load_records, to_example
+from lorakit.data import DataCollator, DataFormatError, Example, default_task, encode, load_records, to_example
 from lorakit.models import load as load_model
 from lorakit.train.config import TrainConfig
 from lorakit.train.evaluate import evaluate
@@ -50,14 +50,26 @@ def _prompt_hash(example: Example) -> int:
     return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
 
 
+def _held_out_split(folder: str) -> list[dict] | None:
+    """A data folder's own test or validation file, when it has one (gsm8k/test.jsonl, sst2/dev.tsv)."""
+    for split in ("test", "validation"):
+        try:
+            return load_records(folder, split=split)
+        except DataFormatError:
+            raise  # the file exists but is malformed: say so rather than fall back silently
+        except ValueError:
+            continue  # no such split in the folder
+    return None
+
+
 def prepare_examples(config: TrainConfig) -> tuple[list[Example], list[Example]]:
     """(train, held-out) examples; a held-out prompt never appears in the training split."""
     if config.data is None:
         train_records, eval_records = default_task(seed=config.seed)
     else:
-        data = Path(config.data)
-        train_records = load_records(config.data, split="train" if data.is_dir() or not data.exists() else None)
-        eval_records = load_records(config.eval_data) if config.eval_data else None
+        folder = Path(config.data).is_dir()
+        train_records = load_records(config.data, split="train" if folder or not Path(config.data).exists() else None)
+        eval_records = load_records(config.eval_data) if config.eval_data else _held_out_split(config.data) if folder else None
     fields = dict(prompt_field=config.prompt_field, response_field=config.response_field)
     train = [to_example(r, **fields) for r in train_records]
     if eval_records is None:
@@ -160,6 +172,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, mode
         report_to=[],
         remove_unused_columns=False,
         dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
         disable_tqdm=not progress,
     )
     trainer = AdapterTrainer(
