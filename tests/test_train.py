@@ -148,3 +148,26 @@ def test_a_data_folder_with_a_test_file_uses_it_as_the_held_out_split(tmp_path):
     train_examples, held_out = prepare_examples(TrainConfig(data=str(tmp_path)))
     assert len(train_examples) == 20
     assert [e.response for e in held_out] == ["b"] * 5  # q3 also occurs in training, so it is dropped
+
+
+def test_cli_eval_and_generate_use_a_trained_adapter(tmp_path, tiny_model_folder, tiny_data, capsys):
+    train(tiny_config(tiny_model_folder, tiny_data, tmp_path / "run", save_steps=0), progress=False)
+    adapter = str(tmp_path / "run" / "adapter")
+    capsys.readouterr()
+    assert cli_main(["eval", "--adapter", adapter, "--model", str(tiny_model_folder), "--data", str(tiny_data),
+                     "--examples", "4", "--max-new-tokens", "3"]) == 0
+    printed = capsys.readouterr().out
+    scores = json.loads(printed[: printed.index("}") + 1])
+    assert scores["examples"] == 4 and 0.0 <= scores["exact_match"] <= 1.0 and scores["loss"] > 0
+    assert cli_main(["generate", "--adapter", adapter, "--model", str(tiny_model_folder), "--prompt", "Repeat the word: w3",
+                     "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.strip()
+    assert cli_main(["generate", "--adapter", str(tmp_path / "missing"), "--model", str(tiny_model_folder),
+                     "--prompt", "hi"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_python_dash_m_lorakit_runs_the_cli():
+    done = subprocess.run([sys.executable, "-m", "lorakit", "--version"], capture_output=True, text=True, timeout=120,
+                          env={**__import__("os").environ, "PYTHONPATH": str(SRC)})
+    assert done.returncode == 0 and "lorakit" in done.stdout

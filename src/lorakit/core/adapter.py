@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import abc
+
 import torch
 from torch import nn
 
 from lorakit.core.config import AdapterConfig
 
 
-class Adapter(nn.Module):
+class Adapter(nn.Module, abc.ABC):
     """One method's update for one layer.
 
     A subclass implements the two maps that define a method:
@@ -30,11 +32,13 @@ class Adapter(nn.Module):
         self.out_features = out_features
         self.module_name = module_name
 
+    @abc.abstractmethod
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base: nn.Module) -> torch.Tensor:
-        raise NotImplementedError(f"{type(self).__name__} must implement forward")
+        """The adapted output of the base layer on `x`."""
 
+    @abc.abstractmethod
     def delta_weight(self, base_weight: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError(f"{type(self).__name__} must implement delta_weight")
+        """dW such that the merged weight is W + dW, in the (out, in) layout."""
 
     def initialise_from_base(self, base_weight: torch.Tensor) -> None:
         """Hook run by `inject` once the factors are final (after any initialiser that rewrites
