@@ -171,3 +171,8 @@ def test_python_dash_m_lorakit_runs_the_cli():
     done = subprocess.run([sys.executable, "-m", "lorakit", "--version"], capture_output=True, text=True, timeout=120,
                           env={**__import__("os").environ, "PYTHONPATH": str(SRC)})
     assert done.returncode == 0 and "lorakit" in done.stdout
+
+
+def test_resume_without_a_run_folder_is_an_error(capsys):
+    assert cli_main(["train", "--resume", "--quiet"]) == 2
+    assert "--resume RUN_DIR" in capsys.readouterr().err

@@ -116,6 +116,8 @@ def train_config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool]
         run_dir = Path(resume)
         config_path = config_path or run_dir / "config.yaml"
         overrides.setdefault("output_dir", str(run_dir))
+    if resume is True and "output_dir" not in overrides and config_path is None:
+        raise LorakitError("--resume needs the run to continue: pass --resume RUN_DIR (or --output-dir RUN_DIR)")
     if config_path is not None:
         return TrainConfig.from_yaml(config_path, overrides), bool(resume)
     return TrainConfig.from_dict(overrides), bool(resume)
