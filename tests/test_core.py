@@ -260,3 +260,17 @@ def test_rank_above_layer_size_is_refused_for_weight_inits(init):
     assert_model_untouched(model)
     assert all(p.requires_grad for p in model.parameters())
     assert (model_output(model, INPUT) - reference).abs().max() <= 1e-5
+
+
+def test_rank_and_alpha_patterns_round_trip_through_peft(tmp_path):
+    import peft
+
+    config = lorakit.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"], init="pissa",
+                                rank_pattern={"v_proj": 2}, alpha_pattern={r"layers\.1\.self_attn\.q_proj": 3})
+    model = lorakit.inject(tiny_llama(), config)
+    scalings = {path: layer.adapters["default"].scaling for path, layer in adapted_layers(model)}
+    assert scalings["model.layers.0.self_attn.v_proj"] == 8 / 2 and scalings["model.layers.1.self_attn.q_proj"] == 3 / 4
+    randomise_adapters(model)
+    lorakit.save_adapter(model, tmp_path)  # PiSSA: written as rank 2r, patterns doubled with it
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    assert (model_output(theirs, INPUT) - model_output(model, INPUT)).abs().max() <= 1e-5

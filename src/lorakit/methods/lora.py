@@ -129,13 +129,7 @@ class LoraConfig(AdapterConfig):
             "use_dora": self.use_dora,
             "init_lora_weights": init_lora_weights,
             "rank_pattern": {k: v * rank_factor for k, v in self.rank_pattern.items()},
-            "alpha_pattern": {
-                k: v * alpha_factor
-                for k, v in {
-                    **{k: self.alpha for k in self.rank_pattern if converted},
-                    **self.alpha_pattern,
-                }.items()
-            },
+            "alpha_pattern": {k: v * alpha_factor for k, v in self.alpha_pattern.items()},
             "bias": "none",
             "fan_in_fan_out": False,
             "modules_to_save": None,
