@@ -119,42 +119,8 @@ def format_table(before: dict, after: dict) -> str:
     return "\n".join(lines)
 
 
-def train(config: TrainConfig, resume: bool = False, progress: bool = True, model=None, tokenizer=None) -> dict[str, Any]:
-    """Run one fine-tuning job as `config` describes; returns the metrics written to metrics.json.
-
-    `model`/`tokenizer` may be given to skip loading `config.model` (tests, notebooks).
-    """
-    config.validate()
-    run_dir = Path(config.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    atomic_write_bytes(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
-    set_seed(config.seed)
-    if model is None:
-        model, tokenizer = load_model(config.model)
-    train_examples, eval_examples = prepare_examples(config)
-    eval_kwargs = dict(max_length=config.max_length, max_new_tokens=config.max_new_tokens,
-                       batch_size=config.eval_batch_size, progress=progress)
-
-    before_path = run_dir / "metrics_before.json"
-    if resume and before_path.exists():
-        before = json.loads(before_path.read_text())
-    else:
-        if progress:
-            print(f"evaluating the base model on {len(eval_examples)} held-out examples ...", flush=True)
-        before = evaluate(model, tokenizer, eval_examples, **eval_kwargs)
-        atomic_write_json(before_path, before)
-
-    set_seed(config.seed)  # the adapter's random init must not depend on how much evaluation drew
-    inject(model, config.adapter_config(), ADAPTER_NAME)
-    trainable, total = trainable_parameters(model)
-    if progress:
-        print(f"{config.method}: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.2f}%)")
-
-    encoded = [encode(tokenizer, example, config.max_length) for example in train_examples]
-    checkpoints = run_dir / "checkpoints"
-    args = TrainingArguments(
+def training_arguments(config: TrainConfig, checkpoints: Path, progress: bool) -> TrainingArguments:
+    return TrainingArguments(
         output_dir=str(checkpoints),
         max_steps=config.max_steps,
         per_device_train_batch_size=config.batch_size,
@@ -175,6 +141,45 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, mode
         dataloader_pin_memory=torch.cuda.is_available(),
         disable_tqdm=not progress,
     )
+
+
+def train(config: TrainConfig, resume: bool = False, progress: bool = True, model=None, tokenizer=None) -> dict[str, Any]:
+    """Run one fine-tuning job as `config` describes; returns the metrics written to metrics.json.
+
+    `model`/`tokenizer` may be given to skip loading `config.model` (tests, notebooks).
+    """
+    config.validate()
+    run_dir = Path(config.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    atomic_write_bytes(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
+    set_seed(config.seed)
+    if model is None:
+        model, tokenizer = load_model(config.model)
+    train_examples, eval_examples = prepare_examples(config)
+    checkpoints = run_dir / "checkpoints"
+    args = training_arguments(config, checkpoints, progress)
+    model.to(args.device)  # evaluate where Trainer will train (a GPU when there is one)
+    eval_kwargs = dict(max_length=config.max_length, max_new_tokens=config.max_new_tokens,
+                       batch_size=config.eval_batch_size, progress=progress)
+
+    before_path = run_dir / "metrics_before.json"
+    if resume and before_path.exists():
+        before = json.loads(before_path.read_text())
+    else:
+        if progress:
+            print(f"evaluating the base model on {len(eval_examples)} held-out examples ...", flush=True)
+        before = evaluate(model, tokenizer, eval_examples, **eval_kwargs)
+        atomic_write_json(before_path, before)
+
+    set_seed(config.seed)  # the adapter's random init must not depend on how much evaluation drew
+    inject(model, config.adapter_config(), ADAPTER_NAME)
+    trainable, total = trainable_parameters(model)
+    if progress:
+        print(f"{config.method}: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.2f}%)")
+
+    encoded = [encode(tokenizer, example, config.max_length) for example in train_examples]
     trainer = AdapterTrainer(
         model=model, args=args, train_dataset=encoded, data_collator=DataCollator.from_tokenizer(tokenizer),
     )
