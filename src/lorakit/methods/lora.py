@@ -254,14 +254,14 @@ class LoraAdapter(Adapter):
 
     def delta_weight(self, base_weight: torch.Tensor) -> torch.Tensor:
         lora_delta = self.scaling * self.lora_weight()
-        if self.lora_magnitude_vector is None:
+        if not self.use_dora:
             return lora_delta
         weight = base_weight.to(lora_delta.dtype)
         magnitude_scale = (self.lora_magnitude_vector / self._column_norm(weight)).unsqueeze(1)
         return (magnitude_scale - 1) * weight + magnitude_scale * lora_delta
 
     def merge_delta(self, base_weight: torch.Tensor) -> torch.Tensor:
-        if self.lora_magnitude_vector is None:
+        if not self.use_dora:
             return self.delta_weight(base_weight)
         # float64: unmerging divides by m / n, which amplifies fp32 rounding where m / n is small.
         weight = base_weight.double()
@@ -271,7 +271,7 @@ class LoraAdapter(Adapter):
         return magnitude_scale * combined - weight
 
     def unmerge_delta(self, merged_weight: torch.Tensor) -> torch.Tensor:
-        if self.lora_magnitude_vector is None:
+        if not self.use_dora:
             return self.scaling * self.lora_weight()
         # W' = (m / n) (W + s B A)  =>  W = W' n / m - s B A, with n cached at merge time.
         merged = merged_weight.double()
@@ -291,7 +291,7 @@ class LoraAdapter(Adapter):
         if for_untouched_base and self.rewrote_base:
             tensors["lora_A.weight"] = torch.cat([self.lora_A.weight.detach(), self.initial_A], dim=0)
             tensors["lora_B.weight"] = torch.cat([self.lora_B.weight.detach(), -self.initial_B], dim=1)
-        if self.lora_magnitude_vector is not None:
+        if self.use_dora:
             tensors["lora_magnitude_vector"] = self.lora_magnitude_vector.detach()
         return tensors
 
@@ -299,5 +299,5 @@ class LoraAdapter(Adapter):
         with torch.no_grad():
             self.lora_A.weight.copy_(tensors["lora_A.weight"])
             self.lora_B.weight.copy_(tensors["lora_B.weight"])
-            if self.lora_magnitude_vector is not None:
+            if self.use_dora:
                 self.lora_magnitude_vector.copy_(tensors["lora_magnitude_vector"])
