@@ -274,3 +274,12 @@ def test_rank_and_alpha_patterns_round_trip_through_peft(tmp_path):
     lorakit.save_adapter(model, tmp_path)  # PiSSA: written as rank 2r, patterns doubled with it
     theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path)
     assert (model_output(theirs, INPUT) - model_output(model, INPUT)).abs().max() <= 1e-5
+
+
+def test_bad_values_fail_at_construction_too():
+    with pytest.raises(lorakit.ConfigError, match="r=0"):
+        lorakit.LoraConfig(r=0)
+    config = lorakit.LoraConfig()
+    config.alpha = -1  # changed after construction: inject checks again
+    with pytest.raises(lorakit.ConfigError, match="alpha=-1"):
+        lorakit.inject(tiny_llama(), config)

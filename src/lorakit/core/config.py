@@ -25,6 +25,11 @@ class AdapterConfig:
 
     method: ClassVar[str] = ""
 
+    def __post_init__(self) -> None:
+        # Bad values fail where they are written, not later inside inject; inject validates again
+        # because fields may be changed after construction.
+        self.validate()
+
     def validate(self) -> None:
         target_modules = getattr(self, "target_modules", None)
         if isinstance(target_modules, (list, tuple)):
