@@ -25,12 +25,12 @@ from lorakit.core import (
     unload,
     unmerge,
 )
-from lorakit.methods import LoraConfig
+from lorakit.methods import BoneConfig, LoraConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdaptedLinear", "Adapter", "AdapterConfig", "AdapterFileError", "ConfigError", "LoraConfig",
+    "AdaptedLinear", "Adapter", "AdapterConfig", "AdapterFileError", "BoneConfig", "ConfigError", "LoraConfig",
     "LorakitError", "TargetError", "active_adapters", "adapter_configs", "delete_adapter", "disabled",
     "inject", "load_adapter", "merge", "registered_methods", "save_adapter", "set_active",
     "trainable_parameters", "unload", "unmerge",

@@ -25,6 +25,10 @@ def lora_count(config, in_features: int, out_features: int) -> int:
     return a + config.r * out_features + (out_features if config.use_dora else 0)
 
 
+def bone_count(config, in_features: int, out_features: int) -> int:
+    return config.r * (config.mini_r if config.variant == "mini" else out_features)
+
+
 CASES: dict[str, Case] = {
     "lora": Case("lora", lambda t: lorakit.LoraConfig(r=4, alpha=8, target_modules=t), lora_count),
     "lora-dropout": Case("lora", lambda t: lorakit.LoraConfig(r=4, alpha=8, dropout=0.1, target_modules=t), lora_count),
@@ -35,4 +39,8 @@ CASES: dict[str, Case] = {
     "pissa": Case("lora", lambda t: lorakit.LoraConfig(r=4, alpha=8, init="pissa", target_modules=t), lora_count),
     "pissa-dora": Case("lora", lambda t: lorakit.LoraConfig(r=4, alpha=8, init="pissa", use_dora=True, target_modules=t), lora_count),
     "olora": Case("lora", lambda t: lorakit.LoraConfig(r=4, alpha=8, init="olora", target_modules=t), lora_count),
+    "bone": Case("bone", lambda t: lorakit.BoneConfig(r=4, target_modules=t), bone_count),
+    "bone-padded": Case("bone", lambda t: lorakit.BoneConfig(r=5, dropout=0.1, target_modules=t), bone_count),
+    "bat": Case("bone", lambda t: lorakit.BoneConfig(r=4, variant="bat", target_modules=t), bone_count),
+    "bone-mini": Case("bone", lambda t: lorakit.BoneConfig(r=4, variant="mini", mini_r=2, target_modules=t), bone_count),
 }

@@ -137,7 +137,10 @@ def inject(model: nn.Module, config: AdapterConfig, name: str = "default", *, re
             layer = _wrap(model, path)
             in_features, out_features = layer_features(layer.base)
             adapter = spec.adapter_cls(config, in_features, out_features, path)
-            adapter.to(device=layer.base.weight.device)
+            # Adapters train in fp32 on half-precision bases (as PEFT), in the base's dtype otherwise.
+            base_dtype = layer.base.weight.dtype
+            adapter.to(device=layer.base.weight.device,
+                       dtype=base_dtype if base_dtype in (torch.float32, torch.float64) else torch.float32)
             adapter.train(model.training)
             layer.add_adapter(name, adapter)
             layers.append(layer)

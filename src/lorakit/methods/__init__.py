@@ -1,5 +1,6 @@
 """Adapter families; importing this package registers every method."""
 
+from lorakit.methods.bone import BoneAdapter, BoneConfig
 from lorakit.methods.lora import LoraAdapter, LoraConfig
 
-__all__ = ["LoraAdapter", "LoraConfig"]
+__all__ = ["BoneAdapter", "BoneConfig", "LoraAdapter", "LoraConfig"]
