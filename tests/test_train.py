@@ -176,3 +176,16 @@ def test_python_dash_m_lorakit_runs_the_cli():
 def test_resume_without_a_run_folder_is_an_error(capsys):
     assert cli_main(["train", "--resume", "--quiet"]) == 2
     assert "--resume RUN_DIR" in capsys.readouterr().err
+
+
+def test_train_with_another_method_from_the_cli(tmp_path, tiny_model_folder, tiny_data):
+    run = tmp_path / "bone-run"
+    assert cli_main(["train", "--quiet", "--method", "bone", "--r", "8", "--variant", "bat", "--model", str(tiny_model_folder),
+                     "--data", str(tiny_data), "--max-steps", "2", "--save-steps", "0", "--eval-examples", "2",
+                     "--max-new-tokens", "2", "--output-dir", str(run)]) == 0
+    saved = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "MISS" and saved["init_weights"] == "bat" and saved["r"] == 8
+    import yaml
+
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    assert resolved["adapter"]["variant"] == "bat" and resolved["adapter"]["target_modules"] == "all-linear"

@@ -17,7 +17,9 @@ import yaml
 from lorakit.core.errors import ConfigError
 from lorakit.core.registry import method_spec
 
-DEFAULT_ADAPTER = {"r": 16, "alpha": 32.0, "dropout": 0.0, "target_modules": "all-linear"}
+# Fields given to the method's config unless the user sets them; other fields keep the config
+# class's own defaults. LoRA's r=16, alpha=32 are what the default task was measured with.
+METHOD_DEFAULTS = {"lora": {"r": 16, "alpha": 32.0, "dropout": 0.0, "target_modules": "all-linear"}}
 
 
 @dataclass
@@ -41,7 +43,7 @@ class TrainConfig:
     response_field: str | None = None
     train_examples: int | None = None
     method: str = "lora"
-    adapter: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_ADAPTER))
+    adapter: dict[str, Any] = field(default_factory=dict)
     output_dir: str | None = None
     # Defaults are the settings measured on the built-in task (lorakit.data.default_task.RECOMMENDED).
     max_steps: int = 96
@@ -66,7 +68,7 @@ class TrainConfig:
 
     def adapter_config(self):
         spec = method_spec(self.method)
-        config = spec.config_cls.from_dict(dict(self.adapter))
+        config = spec.config_cls.from_dict({**METHOD_DEFAULTS.get(self.method, {}), **self.adapter})
         config.validate()
         return config
 
@@ -85,7 +87,10 @@ class TrainConfig:
         self.adapter_config()
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """All fields, with `adapter` resolved to every field of the method's config."""
+        data = dataclasses.asdict(self)
+        data["adapter"] = self.adapter_config().to_dict()
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
@@ -94,8 +99,7 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"unknown training config field(s) {unknown}; known fields: {sorted(known)}")
         data = dict(data)
-        if "adapter" in data:
-            data["adapter"] = {**(DEFAULT_ADAPTER if data.get("method", "lora") == "lora" else {}), **(data["adapter"] or {})}
+        data["adapter"] = dict(data.get("adapter") or {})
         return cls(**data)
 
     @classmethod
