@@ -25,7 +25,7 @@ from lorakit.core import (
     unload,
     unmerge,
 )
-from lorakit.methods import BoneConfig, LoraConfig
+from lorakit.methods import BoneConfig, LoraConfig, VeraConfig
 
 __version__ = "0.1.0"
 
@@ -33,5 +33,5 @@ __all__ = [
     "AdaptedLinear", "Adapter", "AdapterConfig", "AdapterFileError", "BoneConfig", "ConfigError", "LoraConfig",
     "LorakitError", "TargetError", "active_adapters", "adapter_configs", "delete_adapter", "disabled",
     "inject", "load_adapter", "merge", "registered_methods", "save_adapter", "set_active",
-    "trainable_parameters", "unload", "unmerge",
+    "trainable_parameters", "unload", "unmerge", "VeraConfig",
 ]

@@ -29,6 +29,10 @@ def bone_count(config, in_features: int, out_features: int) -> int:
     return config.r * (config.mini_r if config.variant == "mini" else out_features)
 
 
+def vera_count(config, in_features: int, out_features: int) -> int:
+    return config.r + out_features
+
+
 CASES: dict[str, Case] = {
     "lora": Case("lora", lambda t: lorakit.LoraConfig(r=4, alpha=8, target_modules=t), lora_count),
     "lora-dropout": Case("lora", lambda t: lorakit.LoraConfig(r=4, alpha=8, dropout=0.1, target_modules=t), lora_count),
@@ -43,4 +47,6 @@ CASES: dict[str, Case] = {
     "bone-padded": Case("bone", lambda t: lorakit.BoneConfig(r=5, dropout=0.1, target_modules=t), bone_count),
     "bat": Case("bone", lambda t: lorakit.BoneConfig(r=4, variant="bat", target_modules=t), bone_count),
     "bone-mini": Case("bone", lambda t: lorakit.BoneConfig(r=4, variant="mini", mini_r=2, target_modules=t), bone_count),
+    "vera": Case("vera", lambda t: lorakit.VeraConfig(r=8, target_modules=t), vera_count),
+    "vera-dropout": Case("vera", lambda t: lorakit.VeraConfig(r=6, dropout=0.1, projection_prng_key=3, target_modules=t), vera_count),
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -25,12 +26,23 @@ class Adapter(nn.Module, abc.ABC):
     keys in the adapter file, so methods that PEFT has use PEFT's names.
     """
 
+    # File keys outside any module path -> the buffer they fill on every layer (PEFT's shared
+    # projections, e.g. VeRA's "base_model.vera_A"). Loaders accept them; lorakit never writes them.
+    SHARED_KEYS: ClassVar[dict[str, str]] = {}
+
     def __init__(self, config: AdapterConfig, in_features: int, out_features: int, module_name: str):
         super().__init__()
         self.config = config
         self.in_features = in_features
         self.out_features = out_features
         self.module_name = module_name
+
+    @classmethod
+    def prepare_shared(cls, config: AdapterConfig, shapes: list[tuple[int, int]]) -> dict:
+        """Keyword arguments given to every layer's constructor in one `inject`, computed once
+        from the config and the (in, out) shapes of all targeted layers (VeRA's shared random
+        bases, sized to the largest layer). Default: none."""
+        return {}
 
     @abc.abstractmethod
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base: nn.Module) -> torch.Tensor:
@@ -61,6 +73,13 @@ class Adapter(nn.Module, abc.ABC):
     def file_tensors(self) -> dict[str, torch.Tensor]:
         """Tensors written to the adapter file, keyed by their suffix after the module path."""
         return {key: value.detach() for key, value in self.state_dict().items()}
+
+    def load_shared_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy shared tensors (keys of SHARED_KEYS, shapes already checked) into their buffers."""
+        with torch.no_grad():
+            for key, name in self.SHARED_KEYS.items():
+                if key in tensors:
+                    getattr(self, name).copy_(tensors[key])
 
     def load_file_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Copy tensors from a file (keys as in `file_tensors`; shapes already checked)."""

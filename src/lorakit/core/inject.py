@@ -132,11 +132,13 @@ def inject(model: nn.Module, config: AdapterConfig, name: str = "default", *, re
     init_name = getattr(config, "init", "default")
     rewrite = weight_initialiser(init_name) if rewrite_weights and isinstance(init_name, str) else None
     try:
+        shapes = [layer_features(model.get_submodule(path)) for path in targets]
+        shared = spec.adapter_cls.prepare_shared(config, shapes)
         layers = []
         for path in targets:
             layer = _wrap(model, path)
             in_features, out_features = layer_features(layer.base)
-            adapter = spec.adapter_cls(config, in_features, out_features, path)
+            adapter = spec.adapter_cls(config, in_features, out_features, path, **shared)
             # Adapters train in fp32 on half-precision bases (as PEFT), in the base's dtype otherwise.
             base_dtype = layer.base.weight.dtype
             adapter.to(device=layer.base.weight.device,

@@ -226,6 +226,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
     inject(model, config, name, rewrite_weights=False)
     try:
         expected = adapter_state(model, name, for_untouched_base=False)
+        # Shared tensors (PEFT's saved VeRA projections) are optional; when present they must fit.
+        expected.update({k: v for k, v in _shared_buffers(model, name).items() if k in tensors})
         _check_tensors(expected, tensors, folder / WEIGHTS_NAME)
     except BaseException:
         delete_adapter(model, name)
@@ -257,9 +259,21 @@ def load_adapter_weights(model: nn.Module, directory: str | os.PathLike, name: s
     return model
 
 
+def _shared_buffers(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """Shared tensors a file may carry for adapter `name` (VeRA's projections), keyed as in the file."""
+    for _, layer in adapted_layers(model):
+        if name in layer.adapters:
+            adapter = layer.adapters[name]
+            return {key: getattr(adapter, attr) for key, attr in adapter.SHARED_KEYS.items()}
+    return {}
+
+
 def _copy_tensors(model: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    shared = {key: value for key, value in tensors.items() if key in _shared_buffers(model, name)}
     for path, layer in adapted_layers(model):
         if name in layer.adapters:
+            if shared:
+                layer.adapters[name].load_shared_tensors(shared)
             prefix = f"{KEY_PREFIX}{path}."
             own = {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
             layer.adapters[name].load_file_tensors(own)

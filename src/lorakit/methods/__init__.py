@@ -2,5 +2,6 @@
 
 from lorakit.methods.bone import BoneAdapter, BoneConfig
 from lorakit.methods.lora import LoraAdapter, LoraConfig
+from lorakit.methods.vera import VeraAdapter, VeraConfig
 
-__all__ = ["BoneAdapter", "BoneConfig", "LoraAdapter", "LoraConfig"]
+__all__ = ["BoneAdapter", "BoneConfig", "LoraAdapter", "LoraConfig", "VeraAdapter", "VeraConfig"]

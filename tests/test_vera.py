@@ -1,0 +1,109 @@
+"""VeRA (arXiv 2310.11454): reference formula, bases regenerated from the seed, PEFT parity both ways."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lorakit
+from conftest import model_output, tiny_llama
+from lorakit.core import adapted_layers
+
+TARGETS = ["q_proj", "k_proj", "up_proj", "down_proj"]
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def perturb(model, seed=4):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "vera_lambda" in name:
+                param.add_(0.3 * torch.randn(param.shape, generator=generator))
+
+
+def test_forward_matches_the_reference_formula(input_ids):
+    model = lorakit.inject(tiny_llama(), lorakit.VeraConfig(r=8, target_modules=TARGETS, projection_prng_key=5))
+    perturb(model)
+    for path, layer in adapted_layers(model):
+        adapter = layer.adapters["default"]
+        A = adapter.vera_A[:, : layer.in_features]
+        B = adapter.vera_B[: layer.out_features]
+        expected_dW = torch.diag(adapter.vera_lambda_b) @ B @ torch.diag(adapter.vera_lambda_d) @ A
+        assert torch.allclose(adapter.delta_weight(layer.base.weight), expected_dW, atol=1e-6)
+        x = torch.randn(3, layer.in_features)
+        with torch.no_grad():
+            assert torch.allclose(layer(x), x @ (layer.base.weight + expected_dW).T, atol=1e-5)
+    shared = {adapter.vera_A.data_ptr() for _, layer in adapted_layers(model) for adapter in layer.adapters.values()}
+    assert len(shared) == 1  # one shared basis, sized to the largest layer
+    assert next(iter(adapted_layers(model)))[1].adapters["default"].vera_A.shape == (8, 48)
+
+
+def test_saved_file_holds_no_bases_and_names_the_generator(tmp_path):
+    model = lorakit.inject(tiny_llama(), lorakit.VeraConfig(r=8, target_modules=TARGETS))
+    lorakit.save_adapter(model, tmp_path)
+    assert all("vera_lambda" in key for key in load_file(tmp_path / "adapter_model.safetensors"))
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["save_projection"] is False and config["projection_prng_key"] == 0
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "adapter_model.safetensors"), "pt") as handle:
+        assert "Generator" in json.loads(handle.metadata()["lorakit"])["basis_generator"]
+
+
+def test_saved_adapter_loads_identically_in_a_fresh_process(tmp_path, input_ids):
+    model = lorakit.inject(tiny_llama(), lorakit.VeraConfig(r=8, target_modules=TARGETS, projection_prng_key=11))
+    perturb(model)
+    lorakit.save_adapter(model, tmp_path / "adapter")
+    torch.save(model_output(model, input_ids), tmp_path / "expected.pt")
+    torch.save(input_ids, tmp_path / "ids.pt")
+    script = f"""
+import sys, torch
+sys.path[:0] = [{str(SRC)!r}, {str(Path(__file__).parent)!r}]
+import lorakit
+from conftest import tiny_llama
+ids = torch.load({str(tmp_path / 'ids.pt')!r}, weights_only=True)
+model = lorakit.load_adapter(tiny_llama(), {str(tmp_path / 'adapter')!r})
+with torch.no_grad():
+    out = model(input_ids=ids).logits
+expected = torch.load({str(tmp_path / 'expected.pt')!r}, weights_only=True)
+print((out - expected).abs().max().item())
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout.strip().splitlines()[-1]) == 0.0
+
+
+@pytest.mark.parametrize("save_projection", [True, False])
+def test_peft_vera_adapter_loads_in_lorakit(tmp_path, input_ids, save_projection):
+    theirs = peft.get_peft_model(tiny_llama(), peft.VeraConfig(r=8, target_modules=TARGETS, projection_prng_key=7,
+                                                              save_projection=save_projection))
+    perturb(theirs)
+    expected = model_output(theirs, input_ids)
+    theirs.save_pretrained(tmp_path)
+    ours = lorakit.load_adapter(tiny_llama(), tmp_path)
+    assert (model_output(ours, input_ids) - expected).abs().max() <= 1e-6
+
+
+def test_lorakit_vera_adapter_loads_in_peft(tmp_path, input_ids):
+    ours = lorakit.inject(tiny_llama(), lorakit.VeraConfig(r=8, target_modules=TARGETS, projection_prng_key=7))
+    perturb(ours)
+    lorakit.save_adapter(ours, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    assert (model_output(theirs, input_ids) - model_output(ours, input_ids)).abs().max() <= 1e-6
+
+
+def test_saved_projections_that_do_not_fit_are_refused(tmp_path):
+    theirs = peft.get_peft_model(tiny_llama(), peft.VeraConfig(r=8, target_modules=["q_proj"], save_projection=True))
+    theirs.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config["target_modules"] = ["q_proj", "up_proj"]  # widens the shared basis beyond the saved one
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(lorakit.AdapterFileError, match="base_model.vera_B"):
+        lorakit.load_adapter(tiny_llama(), tmp_path)
