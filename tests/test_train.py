@@ -189,3 +189,12 @@ def test_train_with_another_method_from_the_cli(tmp_path, tiny_model_folder, tin
 
     resolved = yaml.safe_load((run / "config.yaml").read_text())
     assert resolved["adapter"]["variant"] == "bat" and resolved["adapter"]["target_modules"] == "all-linear"
+
+
+def test_unknown_config_fields_are_named(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("max_stepz: 10\nadapter: {r: 4}\n")
+    with pytest.raises(lorakit.ConfigError, match="TrainConfig has no field\\(s\\) \\['max_stepz'\\]"):
+        TrainConfig.from_yaml(path)
+    with pytest.raises(lorakit.ConfigError, match="LoraConfig has no field\\(s\\) \\['rank'\\]"):
+        TrainConfig(adapter={"rank": 4}).validate()

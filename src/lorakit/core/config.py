@@ -61,13 +61,16 @@ class AdapterConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "AdapterConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(
-                f"{cls.__name__} has no field(s) {unknown}; known fields: {sorted(known)}"
-            )
+        reject_unknown_fields(cls, data)
         return cls(**data)
+
+
+def reject_unknown_fields(config_cls: type, data: dict[str, Any]) -> None:
+    """A mapping meant for a config dataclass may hold only its fields (typos fail loudly)."""
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{config_cls.__name__} has no field(s) {unknown}; known fields: {sorted(known)}")
 
 
 def require_positive(name: str, value: float, integer: bool = False) -> None:

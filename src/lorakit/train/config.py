@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from lorakit.core.config import reject_unknown_fields
 from lorakit.core.errors import ConfigError
 from lorakit.core.registry import method_spec
 
@@ -94,10 +95,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown training config field(s) {unknown}; known fields: {sorted(known)}")
+        reject_unknown_fields(cls, data)
         data = dict(data)
         data["adapter"] = dict(data.get("adapter") or {})
         return cls(**data)
