@@ -198,3 +198,15 @@ def test_unknown_config_fields_are_named(tmp_path):
         TrainConfig.from_yaml(path)
     with pytest.raises(lorakit.ConfigError, match="LoraConfig has no field\\(s\\) \\['rank'\\]"):
         TrainConfig(adapter={"rank": 4}).validate()
+
+
+def test_response_loss_equals_the_models_own_mean_loss_on_response_tokens(tiny_model_folder):
+    from lorakit.data import DataCollator, Example, encode
+    from lorakit.train.evaluate import response_loss
+
+    model, tokenizer = lorakit.models.load(str(tiny_model_folder))
+    example = Example(messages=[{"role": "user", "content": "Repeat the word: w7"}], response="w7 and more")
+    batch = DataCollator.from_tokenizer(tokenizer)([encode(tokenizer, example, 64)])
+    with torch.no_grad():
+        expected = model(**batch).loss.item()  # HF's mean over the labelled (response) tokens
+    assert abs(response_loss(model, tokenizer, [example], max_length=64) - expected) < 1e-5

@@ -107,3 +107,15 @@ def test_saved_projections_that_do_not_fit_are_refused(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(lorakit.AdapterFileError, match="base_model.vera_B"):
         lorakit.load_adapter(tiny_llama(), tmp_path)
+
+
+def test_random_basis_is_a_pure_function_of_the_seed():
+    from lorakit.core.random_basis import kaiming_uniform_bases
+
+    first = kaiming_uniform_bases(3, [(4, 10), (6, 4)])
+    again = kaiming_uniform_bases(3, [(4, 10), (6, 4)])
+    other = kaiming_uniform_bases(4, [(4, 10), (6, 4)])
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not torch.equal(first[0], other[0])
+    bound = (3.0 * 2.0 / 10) ** 0.5  # Kaiming-uniform, gain sqrt(2), fan_in = 10
+    assert first[0].abs().max() <= bound and first[0].abs().max() > 0.8 * bound
