@@ -119,3 +119,11 @@ def test_random_basis_is_a_pure_function_of_the_seed():
     assert not torch.equal(first[0], other[0])
     bound = (3.0 * 2.0 / 10) ** 0.5  # Kaiming-uniform, gain sqrt(2), fan_in = 10
     assert first[0].abs().max() <= bound and first[0].abs().max() > 0.8 * bound
+
+
+def test_moving_the_model_keeps_one_shared_basis():
+    model = lorakit.inject(tiny_llama(), lorakit.VeraConfig(r=8, target_modules=TARGETS))
+    model.to(torch.float64)  # a dtype move exercises the same per-module _apply path as a device move
+    adapters = [layer.adapters["default"] for _, layer in adapted_layers(model)]
+    assert {a.vera_A.dtype for a in adapters} == {torch.float64}
+    assert len({a.vera_A.data_ptr() for a in adapters}) == 1 and len({a.vera_B.data_ptr() for a in adapters}) == 1

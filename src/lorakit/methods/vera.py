@@ -80,6 +80,15 @@ class VeraConfig(AdapterConfig):
                    projection_prng_key=int(data.get("projection_prng_key", 0)), d_initial=float(data.get("d_initial", 0.1)))
 
 
+class SharedBases(nn.Module):
+    """The frozen random pair shared by all layers of one VeRA adapter (never saved)."""
+
+    def __init__(self, vera_A: torch.Tensor, vera_B: torch.Tensor):
+        super().__init__()
+        self.register_buffer("vera_A", vera_A, persistent=False)
+        self.register_buffer("vera_B", vera_B, persistent=False)
+
+
 @register_method("vera", config=VeraConfig, peft_type="VERA")
 class VeraAdapter(Adapter):
     """h = W x + b_bias + b * (B[:out] (d * (A[:, :in] dropout(x)))); A, B shared and frozen."""
@@ -91,17 +100,24 @@ class VeraAdapter(Adapter):
         in_max = max(in_features for in_features, _ in shapes)
         out_max = max(out_features for _, out_features in shapes)
         vera_A, vera_B = kaiming_uniform_bases(config.projection_prng_key, [(config.r, in_max), (out_max, config.r)])
-        return {"vera_A": vera_A, "vera_B": vera_B}
+        return {"bases": SharedBases(vera_A, vera_B)}
 
-    def __init__(self, config: VeraConfig, in_features: int, out_features: int, module_name: str,
-                 vera_A: torch.Tensor, vera_B: torch.Tensor):
+    def __init__(self, config: VeraConfig, in_features: int, out_features: int, module_name: str, bases: "SharedBases"):
         super().__init__(config, in_features, out_features, module_name)
-        # Views of the one shared pair: every layer's buffers point at the same storage.
-        self.register_buffer("vera_A", vera_A, persistent=False)
-        self.register_buffer("vera_B", vera_B, persistent=False)
+        # The same SharedBases module is a child of every layer's adapter: `model.to(...)` moves
+        # it once and later visits find it already moved, so all layers keep one storage.
+        self.bases = bases
         self.vera_lambda_b = nn.Parameter(torch.zeros(out_features))
         self.vera_lambda_d = nn.Parameter(torch.full((config.r,), float(config.d_initial)))
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+
+    @property
+    def vera_A(self) -> torch.Tensor:
+        return self.bases.vera_A
+
+    @property
+    def vera_B(self) -> torch.Tensor:
+        return self.bases.vera_B
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base: nn.Module) -> torch.Tensor:
         A = self.vera_A[:, : self.in_features].to(self.vera_lambda_d.dtype)
