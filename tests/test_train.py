@@ -168,6 +168,7 @@ def test_cli_eval_and_generate_use_a_trained_adapter(tmp_path, tiny_model_folder
 
 
 def test_python_dash_m_lorakit_runs_the_cli():
+    """`python -m lorakit` goes through src/lorakit/__main__.py to the CLI."""
     done = subprocess.run([sys.executable, "-m", "lorakit", "--version"], capture_output=True, text=True, timeout=120,
                           env={**__import__("os").environ, "PYTHONPATH": str(SRC)})
     assert done.returncode == 0 and "lorakit" in done.stdout

@@ -10,7 +10,6 @@ import argparse
 import dataclasses
 import json
 import sys
-import typing
 from pathlib import Path
 from typing import Any
 
@@ -39,13 +38,13 @@ def _add_field_flag(parser: argparse.ArgumentParser, field: dataclasses.Field, d
     if field.name in seen or field.name in ("adapter",):
         return
     seen.add(field.name)
-    kinds = {t for t in typing.get_args(field.type) or [field.type]} if not isinstance(field.type, str) else set()
-    annotation = str(field.type)
+    # Config modules use postponed annotations, so the type is its source text ("int | None").
+    annotation = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
     default = field.default if field.default is not dataclasses.MISSING else None
     kwargs: dict[str, Any] = dict(dest=dest, default=argparse.SUPPRESS, metavar=field.name.upper())
     if field.name == "target_modules":
         kwargs.update(type=parse_target_modules, help="'all-linear', a regex, or comma-separated names")
-    elif isinstance(default, bool) or annotation == "bool" or bool in kinds:
+    elif isinstance(default, bool) or annotation == "bool":
         kwargs.update(action=argparse.BooleanOptionalAction)
         kwargs.pop("metavar")
     elif "dict" in annotation:

@@ -124,7 +124,7 @@ def inject(model: nn.Module, config: AdapterConfig, name: str = "default", *, re
     spec = method_spec(config.method)
     targets = find_targets(model, config.target_modules)
 
-    requires_grad = {id(p): p.requires_grad for p in model.parameters()}
+    requires_grad = requires_grad_flags(model)
     for param in model.parameters():
         param.requires_grad_(False)
     # Only adapter parameters train; `requires_grad` set in the adapter's constructor is kept.
@@ -152,18 +152,27 @@ def inject(model: nn.Module, config: AdapterConfig, name: str = "default", *, re
         for layer in layers:
             layer.adapters[name].initialise_from_base(layer.weight_out_in())
     except BaseException:
-        # Leave the model as it was: W given back, wrappers and flags undone.
-        for _, layer in adapted_layers(model):
-            restore = getattr(layer.adapters[name], "restore_rewritten_weight", None) if name in layer.adapters else None
-            if restore is not None:
-                restore(layer)
-        delete_adapter(model, name)
-        for param in model.parameters():
-            param.requires_grad_(requires_grad.get(id(param), param.requires_grad))
+        undo_inject(model, name, requires_grad)
         raise
     if not any(layer.active for _, layer in adapted_layers(model)):
         set_active(model, [name])
     return model
+
+
+def requires_grad_flags(model: nn.Module) -> dict[int, bool]:
+    return {id(p): p.requires_grad for p in model.parameters()}
+
+
+def undo_inject(model: nn.Module, name: str, requires_grad: dict[int, bool]) -> None:
+    """Leave the model as it was before adapter `name` was injected: W given back where an
+    initialiser rewrote it, wrappers removed, `requires_grad` flags (from `requires_grad_flags`) restored."""
+    for _, layer in adapted_layers(model):
+        restore = getattr(layer.adapters[name], "restore_rewritten_weight", None) if name in layer.adapters else None
+        if restore is not None:
+            restore(layer)
+    delete_adapter(model, name)
+    for param in model.parameters():
+        param.requires_grad_(requires_grad.get(id(param), param.requires_grad))
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:

@@ -21,7 +21,7 @@ from torch import nn
 
 from lorakit.core.config import AdapterConfig
 from lorakit.core.errors import AdapterFileError, ConfigError
-from lorakit.core.inject import adapted_layers, adapter_configs, delete_adapter, inject
+from lorakit.core.inject import adapted_layers, adapter_configs, inject, requires_grad_flags, undo_inject
 from lorakit.core.registry import method_for_peft_type, method_spec, weight_initialiser
 
 CONFIG_NAME = "adapter_config.json"
@@ -222,7 +222,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
     folder, config = read_adapter_config(directory, name)
     tensors = read_adapter_tensors(folder)
     # Inject without touching W; a W-rewriting initialiser runs only after the file checked out.
-    requires_grad = {id(p): p.requires_grad for p in model.parameters()}
+    requires_grad = requires_grad_flags(model)
     inject(model, config, name, rewrite_weights=False)
     try:
         expected = adapter_state(model, name, for_untouched_base=False)
@@ -230,9 +230,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
         expected.update({k: v for k, v in _shared_buffers(model, name).items() if k in tensors})
         _check_tensors(expected, tensors, folder / WEIGHTS_NAME)
     except BaseException:
-        delete_adapter(model, name)
-        for param in model.parameters():
-            param.requires_grad_(requires_grad.get(id(param), param.requires_grad))
+        undo_inject(model, name, requires_grad)
         raise
     # Files saved with a W-rewriting init (PEFT's default for PiSSA/OLoRA) hold factors relative
     # to W_res: rebuild W_res from this base the way PEFT does, then load the trained factors.
