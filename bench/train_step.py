@@ -164,8 +164,9 @@ ADAPT = {"lorakit": with_lorakit, "peft": with_peft}
 
 
 # --- one step ----------------------------------------------------------------------------------
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, input_ids: torch.Tensor) -> torch.Tensor:
-    loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One optimisation step on `batch` (model inputs including `labels`); returns the loss."""
+    loss = model(**batch, use_cache=False).loss
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -176,7 +177,7 @@ def _tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def accounted_step(model: nn.Module, optimizer: torch.optim.Optimizer, input_ids: torch.Tensor,
+def accounted_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
                    result: FrameworkResult) -> None:
     """One (untimed) step that records what it adds: saved-for-backward storages and training state."""
     resident = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
@@ -189,7 +190,7 @@ def accounted_step(model: nn.Module, optimizer: torch.optim.Optimizer, input_ids
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+        loss = model(**batch, use_cache=False).loss
     loss.backward()
     trainable = [p for p in model.parameters() if p.requires_grad]
     grad_bytes = sum(_tensor_bytes(p.grad) for p in trainable if p.grad is not None)
@@ -238,13 +239,14 @@ def measure(model_factory: Callable[[], nn.Module], settings: Settings,
 
     generator = torch.Generator().manual_seed(settings.seed)
     input_ids = torch.randint(0, vocab_size, (settings.batch_size, settings.seq_len), generator=generator).to(device)
+    batch = {"input_ids": input_ids, "labels": input_ids}
 
     for name in FRAMEWORKS:
         for i in range(settings.warmup):
             if i == settings.warmup - 1:
-                accounted_step(models[name], optimizers[name], input_ids, results[name])
+                accounted_step(models[name], optimizers[name], batch, results[name])
             else:
-                train_step(models[name], optimizers[name], input_ids)
+                train_step(models[name], optimizers[name], batch)
         _sync(device)
         log(f"  warm-up {name}: {settings.warmup} step(s), loss {results[name].loss:.3f}")
 
@@ -259,7 +261,7 @@ def measure(model_factory: Callable[[], nn.Module], settings: Settings,
                     torch.cuda.reset_peak_memory_stats(device)
                     before = torch.cuda.memory_allocated(device)
                 start, start_cpu = time.perf_counter(), time.process_time()
-                train_step(model, optimizer, input_ids)
+                train_step(model, optimizer, batch)
                 _sync(device)
                 wall = time.perf_counter() - start
                 result.step_times_s.append(wall)

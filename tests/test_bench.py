@@ -82,3 +82,42 @@ def test_contention_note_flags_contended_steps_and_gives_uncontended_medians(tra
     assert "not judged" in bench.format_text(result, {})
     results["lorakit"].cpu_share = results["peft"].cpu_share = [0.99, 0.99, 0.99]
     assert bench.contention_note(result) is None
+
+
+FAMILIES_FILE = BENCH_FILE.parent / "families.py"
+
+
+@pytest.fixture(scope="module")
+def families_bench():
+    spec = importlib.util.spec_from_file_location("bench_families", FAMILIES_FILE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def test_families_bench_trains_each_family_on_the_default_task_and_reports_ratios(families_bench, tiny_model_folder):
+    import lorakit
+
+    model, tokenizer = lorakit.models.load(str(tiny_model_folder))
+    settings = families_bench.Settings(steps=3, warmup_steps=1, batch_size=2, eval_examples=3)
+    families = families_bench.select_families("vera")
+    base_loss, results = families_bench.measure(model, tokenizer, families, settings)
+    assert [r.family.method for r in results] == ["lora", "vera"]
+    lora, vera = results
+    assert lora.trainable_params == sum(16 * (i + o) for i, o in [(32, 32), (32, 16), (32, 16), (32, 32),
+                                                                  (32, 64), (32, 64), (64, 32)]) * 2
+    assert vera.lr == pytest.approx(settings.lr * families_bench.LR_MULTIPLIER["vera"])
+    for result in results:
+        assert len(result.step_times_s) == 1 and result.median_time_s > 0 and result.memory_bytes > 0
+        assert math.isfinite(result.eval_loss) and result.eval_loss != pytest.approx(base_loss)
+    table = families_bench.rows(results)
+    assert table[0][2] == "1.000" and table[0][4] == "1.00" and table[0][6] == "1.00"
+    text = families_bench.format_markdown(base_loss, results, settings, {"device": "cpu"}, "python bench/families.py --quick")
+    assert "python bench/families.py --quick" in text and "| VeRA" not in text and "| vera |" in text
+
+
+def test_families_bench_rejects_unknown_method_names(families_bench):
+    with pytest.raises(SystemExit, match="unknown methods"):
+        families_bench.select_families("lora,nonsense")

@@ -22,21 +22,6 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 @pytest.fixture(scope="session")
-def tiny_model_folder(tmp_path_factory) -> Path:
-    """A tiny random Llama with the default model's real tokenizer, saved as an HF folder."""
-    _, tokenizer = lorakit.models.load(lorakit.models.DEFAULT_MODEL)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("data")
     rows = [{"prompt": f"Repeat the word: w{i}", "response": f"w{i}"} for i in range(60)]
