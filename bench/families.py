@@ -144,8 +144,7 @@ def _accounted_memory(model, optimizer, batch) -> tuple[float, float]:
     return float(accounting.accounted_bytes), accounting.loss
 
 
-def run_family(family: Family, base: nn.Module, tokenizer, batches, eval_examples, settings: Settings,
-               step_hooks: Callable[[nn.Module, Family], list[Callable[[int], None]]] | None = None) -> FamilyResult:
+def run_family(family: Family, base: nn.Module, tokenizer, batches, eval_examples, settings: Settings) -> FamilyResult:
     import lorakit
     from lorakit.core.registry import method_spec
     from lorakit.train.evaluate import response_loss
@@ -160,10 +159,11 @@ def run_family(family: Family, base: nn.Module, tokenizer, batches, eval_example
     lr = settings.lr * (1.0 if settings.same_lr else LR_MULTIPLIER.get(family.method, 1.0))
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
     schedule = get_cosine_schedule_with_warmup(optimizer, settings.warmup_steps, settings.steps)
-    after_step = step_hooks(model, family) if step_hooks else []
+    hooks = step_hooks(family, model, optimizer, settings.steps)
     times, memories, loss = [], [], math.nan
     for step, batch in enumerate(batches):
         batch = {k: v.to(device) for k, v in batch.items()}
+        hooks.before(step)
         if device.type == "cpu" and step == settings.warmup_steps:
             memory, loss = _accounted_memory(model, optimizer, batch)  # untimed: its hooks slow the step
             memories.append(memory)
@@ -173,9 +173,8 @@ def run_family(family: Family, base: nn.Module, tokenizer, batches, eval_example
                 times.append(seconds)
                 if peak is not None:
                     memories.append(peak)
+        hooks.after(step)
         schedule.step()
-        for hook in after_step:
-            hook(step + 1)
     eval_loss = response_loss(model, tokenizer, eval_examples, settings.max_length)
     count = sum(p.numel() for p in trainable)  # at the start (LaMDA freezes B while training)
     return FamilyResult(family, _describe_config(config), lr, count, times or [math.nan],
@@ -187,14 +186,33 @@ def _describe_config(config) -> str:
     return ", ".join(f"{k}={v}" for k, v in fields.items())
 
 
-def lamda_freezing_hooks(model: nn.Module, family: Family) -> list[Callable[[int], None]]:
-    """LaMDA's progressive freezing of B is part of the method: run it in the plain loop too."""
-    if family.method != "lamda":
-        return []
-    from lorakit.train import callbacks
+class StepHooks:
+    """Work a method does around each optimizer step; none by default."""
 
-    freezer = callbacks.lamda_freezer_for_loop(model) if hasattr(callbacks, "lamda_freezer_for_loop") else None
-    return [freezer] if freezer else []
+    def before(self, step: int) -> None:
+        pass
+
+    def after(self, step: int) -> None:
+        pass
+
+
+class LamdaFreezing(StepHooks):
+    """LaMDA's progressive freezing of B is part of the method, so it runs in this loop too."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, steps: int):
+        from lorakit.train.callbacks import LamdaFreezer
+
+        self.freezer, self.optimizer = LamdaFreezer(model, max_steps=steps), optimizer
+
+    def before(self, step: int) -> None:
+        self.freezer.begin_step(step, self.optimizer)
+
+    def after(self, step: int) -> None:
+        self.freezer.end_step()
+
+
+def step_hooks(family: Family, model: nn.Module, optimizer: torch.optim.Optimizer, steps: int) -> StepHooks:
+    return LamdaFreezing(model, optimizer, steps) if family.method == "lamda" else StepHooks()
 
 
 def measure(base: nn.Module, tokenizer, families: list[Family], settings: Settings,
@@ -213,7 +231,7 @@ def measure(base: nn.Module, tokenizer, families: list[Family], settings: Settin
     results = []
     for family in families:
         started = time.perf_counter()
-        result = run_family(family, base, tokenizer, batches, eval_examples, settings, lamda_freezing_hooks)
+        result = run_family(family, base, tokenizer, batches, eval_examples, settings)
         results.append(result)
         log(f"  {family.label}: {result.trainable_params:,} trainable, step {result.median_time_s * 1e3:.0f} ms, "
             f"memory {result.memory_bytes / MIB:.1f} MiB, eval loss {result.eval_loss:.3f} "

@@ -25,13 +25,25 @@ from lorakit.core import (
     unload,
     unmerge,
 )
-from lorakit.methods import BoneConfig, LoraConfig, VeraConfig
+from lorakit.methods import (
+    BlockLoraConfig,
+    BoneConfig,
+    KronConfig,
+    LamdaConfig,
+    LolduConfig,
+    LoraConfig,
+    LoraXSConfig,
+    NolaConfig,
+    RandLoraConfig,
+    VeraConfig,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdaptedLinear", "Adapter", "AdapterConfig", "AdapterFileError", "BoneConfig", "ConfigError", "LoraConfig",
-    "LorakitError", "TargetError", "active_adapters", "adapter_configs", "delete_adapter", "disabled",
-    "inject", "load_adapter", "merge", "registered_methods", "save_adapter", "set_active",
-    "trainable_parameters", "unload", "unmerge", "VeraConfig",
+    "AdaptedLinear", "Adapter", "AdapterConfig", "AdapterFileError", "BlockLoraConfig", "BoneConfig", "ConfigError",
+    "KronConfig", "LamdaConfig", "LolduConfig", "LoraConfig", "LoraXSConfig", "LorakitError", "NolaConfig",
+    "RandLoraConfig", "TargetError", "VeraConfig", "active_adapters", "adapter_configs", "delete_adapter",
+    "disabled", "inject", "load_adapter", "merge", "registered_methods", "save_adapter", "set_active",
+    "trainable_parameters", "unload", "unmerge",
 ]

@@ -1,7 +1,9 @@
-"""`lorakit <verb>`: train, eval, generate.
+"""`lorakit <verb>`: train, eval, generate, export.
 
 Every `TrainConfig` field is a flag (`--max-steps 60`), every adapter config field too
 (`--r 8 --use-dora`); a YAML file (`--config run.yaml`) supplies the rest, flags win.
+`lorakit export DIR --to lora --rank R [--for vllm] --out OUT` writes any adapter as a standard
+LoRA adapter (see `lorakit.export`).
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _add_field_flag(parser: argparse.ArgumentParser, field: dataclasses.Field, dest: str, seen: set[str]) -> None:
+def _add_field_flag(parser: argparse.ArgumentParser, field: dataclasses.Field, dest: str, seen: set[str],
+                    help_text: str | None = None) -> None:
     if field.name in seen or field.name in ("adapter",):
         return
     seen.add(field.name)
@@ -55,7 +58,7 @@ def _add_field_flag(parser: argparse.ArgumentParser, field: dataclasses.Field, d
         kwargs.update(type=float)
     else:
         kwargs.update(type=str)
-    kwargs.setdefault("help", f"(default: {default!r})")
+    kwargs.setdefault("help", help_text or f"(default: {default!r})")
     parser.add_argument(_flag(field.name), **kwargs)
 
 
@@ -68,10 +71,14 @@ def _train_parser(sub) -> None:
     seen: set[str] = set()
     for field in dataclasses.fields(TrainConfig):
         _add_field_flag(parser, field, f"train.{field.name}", seen)
-    group = parser.add_argument_group("adapter fields (any registered method's config)")
+    group = parser.add_argument_group("adapter fields (any registered method's config; defaults are each method's own)")
+    owners: dict[str, list[str]] = {}
     for name in registered_methods():
         for field in dataclasses.fields(method_spec(name).config_cls):
-            _add_field_flag(group, field, f"adapter.{field.name}", seen)
+            owners.setdefault(field.name, []).append(name)
+    for name in registered_methods():
+        for field in dataclasses.fields(method_spec(name).config_cls):
+            _add_field_flag(group, field, f"adapter.{field.name}", seen, help_text=f"field of {', '.join(owners[field.name])}")
 
 
 def _eval_parser(sub) -> None:
@@ -92,6 +99,24 @@ def _generate_parser(sub) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
 
 
+def _export_parser(sub) -> None:
+    parser = sub.add_parser(
+        "export", help="write any adapter as a standard LoRA adapter in PEFT format, or in the shape vLLM serves",
+        description="--to lora --rank R: each layer's update dW (against the untouched base) becomes its best "
+        "rank-R LoRA (truncated SVD); the relative error per layer is printed, exact when rank(dW) <= R. "
+        "--for vllm: one global rank and alpha, each module's scaling baked into lora_B, no patterns, "
+        "DoRA or bias; a LoRA adapter is copied as it is, anything else needs --to lora --rank R.")
+    parser.add_argument("adapter", type=Path, metavar="DIR", help="adapter folder (lorakit's or PEFT's)")
+    parser.add_argument("--to", choices=["lora"], help="lora: approximate the update by a rank-R LoRA (needs --rank)")
+    parser.add_argument("--rank", type=int, metavar="R", help="rank of the exported LoRA (with --to lora)")
+    parser.add_argument("--for", dest="for_server", choices=["vllm"], help="vllm: write only what vLLM's LoRA loader accepts")
+    parser.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path if it loads locally, else the embedded default)")
+    parser.add_argument("--out", type=Path, required=True, metavar="OUT", help="output folder (must be new or empty)")
+    parser.add_argument("--force", action="store_true", help="overwrite the adapter files in a non-empty --out")
+    parser.add_argument("--device", help="where the SVDs run (default: cuda if available, else cpu)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or per-layer table")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorakit", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"lorakit {lorakit.__version__}")
@@ -99,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     _train_parser(sub)
     _eval_parser(sub)
     _generate_parser(sub)
+    _export_parser(sub)
     return parser
 
 
@@ -163,6 +189,20 @@ def run_generate(args: argparse.Namespace) -> None:
         print(reply if len(args.prompt) == 1 else f"> {prompt}\n{reply}\n")
 
 
+def run_export(args: argparse.Namespace) -> None:
+    from lorakit.export import export_adapter, format_report
+
+    if (args.to == "lora") != (args.rank is not None):
+        raise LorakitError("--to lora and --rank R go together: pass both (e.g. --to lora --rank 16)")
+    if args.to is None and args.for_server is None:
+        raise LorakitError("say what to export to: --to lora --rank R, --for vllm, or both")
+    report = export_adapter(args.model, args.adapter, args.out, rank=args.rank, for_vllm=args.for_server == "vllm",
+                            force=args.force, progress=not args.quiet, device=args.device)
+    print(format_report(report, per_layer=not args.quiet))
+    for warning in report.warnings:
+        print(f"lorakit export: warning: {warning}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -175,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
             run_eval(args)
         elif args.verb == "generate":
             run_generate(args)
+        elif args.verb == "export":
+            run_export(args)
     except (LorakitError, ValueError, FileNotFoundError) as err:
         print(f"lorakit {args.verb}: error: {err}", file=sys.stderr)
         return 2

@@ -30,6 +30,10 @@ class Adapter(nn.Module, abc.ABC):
     # projections, e.g. VeRA's "base_model.vera_A"). Loaders accept them; lorakit never writes them.
     SHARED_KEYS: ClassVar[dict[str, str]] = {}
 
+    # True when the adapter file holds everything `initialise_from_base` computes (LoRA-XS's SVD
+    # factors, say), so loading skips that possibly costly step.
+    BASE_STATE_IN_FILE: ClassVar[bool] = False
+
     def __init__(self, config: AdapterConfig, in_features: int, out_features: int, module_name: str):
         super().__init__()
         self.config = config
@@ -73,6 +77,12 @@ class Adapter(nn.Module, abc.ABC):
     def file_tensors(self) -> dict[str, torch.Tensor]:
         """Tensors written to the adapter file, keyed by their suffix after the module path."""
         return {key: value.detach() for key, value in self.state_dict().items()}
+
+    def optional_file_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors a file may also hold for this layer, keyed by suffix, that lorakit never writes
+        (PEFT's per-layer copies of RandLoRA's bases). Loaders check their shapes when present and
+        pass them to `load_file_tensors`. Default: none."""
+        return {}
 
     def load_shared_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Copy shared tensors (keys of SHARED_KEYS, shapes already checked) into their buffers."""

@@ -89,3 +89,12 @@ def require_in_range(name: str, value: float, low: float, high: float, closed_hi
 def require_choice(name: str, value: Any, allowed: list[Any] | tuple[Any, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"{name}={value!r} is invalid; allowed values: {', '.join(map(repr, allowed))}")
+
+
+def pattern_value(patterns: dict[str, Any], module_name: str, default: Any) -> Any:
+    """Per-module override as PEFT resolves `rank_pattern`/`alpha_pattern`: the first key that
+    matches the end of the module path (as a regex on whole path components) wins."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return value
+    return default

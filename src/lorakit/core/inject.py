@@ -105,12 +105,14 @@ def _wrap(model: nn.Module, path: str) -> AdaptedLinear:
     return layer
 
 
-def inject(model: nn.Module, config: AdapterConfig, name: str = "default", *, rewrite_weights: bool = True) -> nn.Module:
+def inject(model: nn.Module, config: AdapterConfig, name: str = "default", *, rewrite_weights: bool = True,
+           state_from_file: bool = False) -> nn.Module:
     """Wrap every layer `config.target_modules` selects and add adapter `name` to it.
 
     The base model is frozen. The first adapter injected becomes active; later ones are added
     inactive (choose with `set_active`). Initialisers that rewrite W (PiSSA, OLoRA) run here
     unless `rewrite_weights=False` (loaders use that to check a file before touching W).
+    `state_from_file=True` (loaders) skips `initialise_from_base` for methods whose file holds its result.
     """
     config.validate()
     if not isinstance(name, str) or not name or "." in name:
@@ -149,8 +151,9 @@ def inject(model: nn.Module, config: AdapterConfig, name: str = "default", *, re
         if rewrite is not None:
             for layer in layers:
                 rewrite(layer, name)
-        for layer in layers:
-            layer.adapters[name].initialise_from_base(layer.weight_out_in())
+        if not (state_from_file and spec.adapter_cls.BASE_STATE_IN_FILE):
+            for layer in layers:
+                layer.adapters[name].initialise_from_base(layer.weight_out_in())
     except BaseException:
         undo_inject(model, name, requires_grad)
         raise
@@ -171,6 +174,9 @@ def undo_inject(model: nn.Module, name: str, requires_grad: dict[int, bool]) -> 
         if restore is not None:
             restore(layer)
     delete_adapter(model, name)
+    for path, layer in list(adapted_layers(model)):
+        if not layer.adapters:  # wrapped just before its adapter's constructor raised
+            _replace_module(model, path, layer.base)
     for param in model.parameters():
         param.requires_grad_(requires_grad.get(id(param), param.requires_grad))
 

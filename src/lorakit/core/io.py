@@ -223,23 +223,24 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
     tensors = read_adapter_tensors(folder)
     # Inject without touching W; a W-rewriting initialiser runs only after the file checked out.
     requires_grad = requires_grad_flags(model)
-    inject(model, config, name, rewrite_weights=False)
+    inject(model, config, name, rewrite_weights=False, state_from_file=True)
     try:
-        expected = adapter_state(model, name, for_untouched_base=False)
-        # Shared tensors (PEFT's saved VeRA projections) are optional; when present they must fit.
-        expected.update({k: v for k, v in _shared_buffers(model, name).items() if k in tensors})
-        _check_tensors(expected, tensors, folder / WEIGHTS_NAME)
+        _check_tensors(_expected_tensors(model, name, tensors), tensors, folder / WEIGHTS_NAME)
     except BaseException:
         undo_inject(model, name, requires_grad)
         raise
     # Files saved with a W-rewriting init (PEFT's default for PiSSA/OLoRA) hold factors relative
     # to W_res: rebuild W_res from this base the way PEFT does, then load the trained factors.
     rewrite = weight_initialiser(getattr(config, "init", None) or "")
-    if rewrite is not None:
-        for _, layer in adapted_layers(model):
-            if name in layer.adapters:
-                rewrite(layer, name)
-    _copy_tensors(model, name, tensors)
+    try:
+        if rewrite is not None:
+            for _, layer in adapted_layers(model):
+                if name in layer.adapters:
+                    rewrite(layer, name)
+        _copy_tensors(model, name, tensors)  # an adapter may still refuse its tensors (LoLDU: another base)
+    except BaseException:
+        undo_inject(model, name, requires_grad)
+        raise
     for _, layer in adapted_layers(model):
         if name in layer.adapters:
             for param in layer.adapters[name].parameters():
@@ -252,9 +253,27 @@ def load_adapter_weights(model: nn.Module, directory: str | os.PathLike, name: s
     checkpoint into its own run, say). Keys and shapes are checked before anything is copied."""
     folder = _resolve_folder(Path(directory), name)
     tensors = read_adapter_tensors(folder)
-    _check_tensors(adapter_state(model, name, for_untouched_base=False), tensors, folder / WEIGHTS_NAME)
-    _copy_tensors(model, name, tensors)
+    _check_tensors(_expected_tensors(model, name, tensors), tensors, folder / WEIGHTS_NAME)
+    saved = {key: value.clone() for key, value in adapter_state(model, name, for_untouched_base=False).items()}
+    try:
+        _copy_tensors(model, name, tensors)
+    except BaseException:
+        _copy_tensors(model, name, saved)  # an adapter refused its tensors part way: put the old ones back
+        raise
     return model
+
+
+def _expected_tensors(model: nn.Module, name: str, found: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What a file for adapter `name` must hold, plus the optional tensors it does hold (PEFT's saved
+    VeRA/RandLoRA projections, shared or per layer), which must then fit too."""
+    expected = adapter_state(model, name, for_untouched_base=False)
+    optional = dict(_shared_buffers(model, name))
+    for path, layer in adapted_layers(model):
+        if name in layer.adapters:
+            for suffix, tensor in layer.adapters[name].optional_file_tensors().items():
+                optional[f"{KEY_PREFIX}{path}.{suffix}"] = tensor
+    expected.update({key: value for key, value in optional.items() if key in found})
+    return expected
 
 
 def _shared_buffers(model: nn.Module, name: str) -> dict[str, torch.Tensor]:

@@ -18,16 +18,8 @@ import torch
 
 from lorakit.core.errors import ConfigError
 from lorakit.core.layer import AdaptedLinear
+from lorakit.core.linalg import truncated_svd
 from lorakit.core.registry import register_weight_initialiser
-
-
-def _principal_factors(weight: torch.Tensor, r: int, niter: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-r singular triplets (U_r, S_r, V_r^T) of an (out, in) matrix."""
-    if niter is None:
-        U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
-        return U[:, :r], S[:r], Vh[:r]
-    U, S, V = torch.svd_lowrank(weight, q=r, niter=niter)
-    return U, S, V.T
 
 
 def _rank_that_fits(layer: AdaptedLinear, adapter, method: str) -> int:
@@ -54,7 +46,7 @@ def _rewrite(layer: AdaptedLinear, adapter_name: str, A: torch.Tensor, B: torch.
 def pissa_init(layer: AdaptedLinear, adapter_name: str) -> None:
     adapter = layer.adapters[adapter_name]
     r = _rank_that_fits(layer, adapter, "PiSSA")
-    U, S, Vh = _principal_factors(layer.weight_out_in().float(), r, adapter.config.pissa_niter_k)
+    U, S, Vh = truncated_svd(layer.weight_out_in().float(), r, adapter.config.pissa_niter_k)
     root = torch.sqrt(S / adapter.scaling)
     _rewrite(layer, adapter_name, A=root[:, None] * Vh, B=U * root[None, :])
 

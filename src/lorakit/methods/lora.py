@@ -19,7 +19,6 @@ Initialisations (`init`): "default" (above), "gaussian" (A ~ N(0, 1/r^2), B = 0,
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,20 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.core.adapter import Adapter
-from lorakit.core.config import AdapterConfig, require_choice, require_in_range, require_positive
+from lorakit.core.config import AdapterConfig, pattern_value, require_choice, require_in_range, require_positive
 from lorakit.core.errors import ConfigError
 from lorakit.core.registry import register_method
 
 LORA_INITS = ("default", "gaussian", "pissa", "olora")
-
-
-def pattern_value(patterns: dict[str, Any], module_name: str, default: Any) -> Any:
-    """Per-module override as PEFT resolves `rank_pattern`/`alpha_pattern`: the first key that
-    matches the end of the module path (as a regex on whole path components) wins."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module_name):
-            return value
-    return default
 
 
 @dataclass

@@ -24,6 +24,7 @@ from lorakit.core.inject import inject, trainable_parameters
 from lorakit.core.io import atomic_write_bytes, atomic_write_json, load_adapter_weights, save_adapter
 from lorakit.data import DataCollator, DataFormatError, Example, default_task, encode, load_records, to_example
 from lorakit.models import load as load_model
+from lorakit.train.callbacks import training_callbacks
 from lorakit.train.config import TrainConfig
 from lorakit.train.evaluate import evaluate
 
@@ -182,6 +183,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, mode
     encoded = [encode(tokenizer, example, config.max_length) for example in train_examples]
     trainer = AdapterTrainer(
         model=model, args=args, train_dataset=encoded, data_collator=DataCollator.from_tokenizer(tokenizer),
+        callbacks=training_callbacks(config.method),
     )
     last = get_last_checkpoint(str(checkpoints)) if resume and checkpoints.exists() else None
     if resume and last is None and progress:
