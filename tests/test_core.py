@@ -283,3 +283,43 @@ def test_bad_values_fail_at_construction_too():
     config.alpha = -1  # changed after construction: inject checks again
     with pytest.raises(lorakit.ConfigError, match="alpha=-1"):
         lorakit.inject(tiny_llama(), config)
+
+
+def test_data_initialiser_gets_the_batches_its_options_and_runs_inside_inject():
+    from dataclasses import dataclass
+
+    from lorakit.core import registry
+
+    @dataclass
+    class Options:
+        batches: int = 1
+
+    seen = {}
+
+    def fake_init(model, adapter_name, data, options, progress):
+        batches = [batch for _, batch in zip(range(options.batches), data)]
+        seen.update(adapter=adapter_name, batches=len(batches), progress=progress)
+        for _, layer in lorakit.core.adapted_layers(model):
+            with torch.no_grad():
+                layer.adapters[adapter_name].lora_B.weight.fill_(0.5)
+
+    registry.register_data_initialiser("test-data-init", Options)(fake_init)
+    original = lorakit.methods.lora.LORA_INITS
+    lorakit.methods.lora.LORA_INITS = original + ("test-data-init",)
+    try:
+        config = lorakit.LoraConfig(r=2, target_modules=["q_proj"], init="test-data-init", init_options={"batches": 2})
+        with pytest.raises(lorakit.ConfigError, match="estimates the adapter from data"):
+            lorakit.inject(tiny_llama(), config)
+        with pytest.raises(lorakit.ConfigError, match="has no field"):
+            lorakit.LoraConfig(init="test-data-init", init_options={"rank": 3})
+        batches = ({"input_ids": torch.zeros(1, 3, dtype=torch.long)} for _ in range(10))
+        model = lorakit.inject(tiny_llama(), config, data=batches, progress=False)
+        assert seen == {"adapter": "default", "batches": 2, "progress": False}
+        assert all((layer.adapters["default"].lora_B.weight == 0.5).all() for _, layer in lorakit.core.adapted_layers(model))
+    finally:
+        lorakit.methods.lora.LORA_INITS = original
+        registry._DATA_INITIALISERS.pop("test-data-init")
+    with pytest.raises(lorakit.ConfigError, match="does not use data"):
+        lorakit.inject(tiny_llama(), lorakit.LoraConfig(r=2, target_modules=["q_proj"]), data=[{}])
+    with pytest.raises(lorakit.ConfigError, match="takes no options"):
+        lorakit.LoraConfig(init_options={"x": 1})

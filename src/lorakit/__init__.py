@@ -2,7 +2,7 @@
 
 from lorakit import init as _register_initialisers  # noqa: F401  (fills the initialiser registry)
 from lorakit import methods as _register_methods  # noqa: F401  (fills the method registry)
-from lorakit import data, models
+from lorakit import data, export, models, optim
 from lorakit.core import (
     AdaptedLinear,
     Adapter,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -12,7 +12,7 @@ from torch import nn
 from lorakit.core.config import AdapterConfig
 from lorakit.core.errors import ConfigError, TargetError
 from lorakit.core.layer import ADAPTABLE_LAYERS, AdaptedLinear, layer_features
-from lorakit.core.registry import method_spec, weight_initialiser
+from lorakit.core.registry import data_initialiser, init_options, method_spec, weight_initialiser
 
 _ADAPTABLE = ADAPTABLE_LAYERS + (AdaptedLinear,)
 
@@ -105,14 +105,17 @@ def _wrap(model: nn.Module, path: str) -> AdaptedLinear:
     return layer
 
 
-def inject(model: nn.Module, config: AdapterConfig, name: str = "default", *, rewrite_weights: bool = True,
-           state_from_file: bool = False) -> nn.Module:
+def inject(model: nn.Module, config: AdapterConfig, name: str = "default", *, data: Iterable[dict] | None = None,
+           progress: bool = True, rewrite_weights: bool = True, state_from_file: bool = False) -> nn.Module:
     """Wrap every layer `config.target_modules` selects and add adapter `name` to it.
 
     The base model is frozen. The first adapter injected becomes active; later ones are added
     inactive (choose with `set_active`). Initialisers that rewrite W (PiSSA, OLoRA) run here
     unless `rewrite_weights=False` (loaders use that to check a file before touching W).
     `state_from_file=True` (loaders) skips `initialise_from_base` for methods whose file holds its result.
+
+    Initialisers that estimate the adapter from data (`init="eva"`, `"lora-ga"`, `"lora-sb"`) take
+    `data`: an iterable of dicts the model accepts, with `labels` (`progress` shows their bar).
     """
     config.validate()
     if not isinstance(name, str) or not name or "." in name:
@@ -133,6 +136,15 @@ def inject(model: nn.Module, config: AdapterConfig, name: str = "default", *, re
     object.__setattr__(model, CONFIGS_ATTR, {**configs, name: config})
     init_name = getattr(config, "init", "default")
     rewrite = weight_initialiser(init_name) if rewrite_weights and isinstance(init_name, str) else None
+    from_data = data_initialiser(init_name) if isinstance(init_name, str) and not state_from_file else None
+    if from_data is not None and data is None:
+        raise ConfigError(
+            f"init={init_name!r} estimates the adapter from data: pass training batches, e.g. "
+            "lorakit.inject(model, config, data=batches), with batches an iterable of dicts the model accepts "
+            "(input_ids, attention_mask, labels)"
+        )
+    if from_data is None and data is not None and not state_from_file:
+        raise ConfigError(f"data was given, but init={init_name!r} does not use data; drop it or pick a data-driven init")
     try:
         shapes = [layer_features(model.get_submodule(path)) for path in targets]
         shared = spec.adapter_cls.prepare_shared(config, shapes)
@@ -151,6 +163,8 @@ def inject(model: nn.Module, config: AdapterConfig, name: str = "default", *, re
         if rewrite is not None:
             for layer in layers:
                 rewrite(layer, name)
+        if from_data is not None:
+            from_data.fn(model, name, data, init_options(init_name, getattr(config, "init_options", {})), progress)
         if not (state_from_file and spec.adapter_cls.BASE_STATE_IN_FILE):
             for layer in layers:
                 layer.adapters[name].initialise_from_base(layer.weight_out_in())

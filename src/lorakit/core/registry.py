@@ -79,3 +79,46 @@ def weight_initialiser(name: str) -> WeightInitialiser | None:
         if key.endswith("_") and name.startswith(key):
             return fn
     return None
+
+
+@dataclass(frozen=True)
+class DataInitialiser:
+    """An initialiser that estimates the adapter from data (EVA, LoRA-GA, LoRA-SB).
+
+    `fn(model, adapter_name, data, options, progress) -> None` runs inside `inject(..., data=...)`
+    once every adapter exists (and before `initialise_from_base`); `data` is an iterable of dicts
+    the model accepts, with `labels`. `options` is an instance of the `options` dataclass built
+    from the config's `init_options` (validated when the config is)."""
+
+    name: str
+    fn: Callable[..., None]
+    options: type
+
+
+_DATA_INITIALISERS: dict[str, DataInitialiser] = {}
+
+
+def register_data_initialiser(name: str, options: type):
+    def decorate(fn):
+        _DATA_INITIALISERS[name] = DataInitialiser(name, fn, options)
+        return fn
+
+    return decorate
+
+
+def data_initialiser(name: str) -> DataInitialiser | None:
+    return _DATA_INITIALISERS.get(name)
+
+
+def init_options(init: str, options: dict):
+    """The options dataclass of initialiser `init` built from `options` (a config's `init_options`);
+    unknown keys, or options given to an initialiser that takes none, are errors."""
+    from lorakit.core.config import reject_unknown_fields
+
+    spec = _DATA_INITIALISERS.get(init)
+    if spec is None:
+        if options:
+            raise ConfigError(f"init_options={options!r} given, but init={init!r} takes no options")
+        return None
+    reject_unknown_fields(spec.options, options)
+    return spec.options(**options)

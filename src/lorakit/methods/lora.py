@@ -29,9 +29,9 @@ from torch import nn
 from lorakit.core.adapter import Adapter
 from lorakit.core.config import AdapterConfig, pattern_value, require_choice, require_in_range, require_positive
 from lorakit.core.errors import ConfigError
-from lorakit.core.registry import register_method
+from lorakit.core.registry import init_options, register_method
 
-LORA_INITS = ("default", "gaussian", "pissa", "olora")
+LORA_INITS = ("default", "gaussian", "pissa", "olora", "eva", "lora-ga")
 
 
 @dataclass
@@ -45,7 +45,9 @@ class LoraConfig(AdapterConfig):
     use_rslora: scale by alpha / sqrt(r) instead of alpha / r.
     use_dora: weight-decomposed LoRA (a trainable magnitude per output feature).
     freeze_a: keep A at its random initialisation; only B (and the DoRA magnitude) train.
-    init: "default", "gaussian", "pissa" or "olora".
+    init: "default", "gaussian", "pissa" or "olora"; data-driven (need `inject(..., data=batches)`):
+        "eva" and "lora-ga" (see `lorakit.init`).
+    init_options: options of a data-driven init, checked by that initialiser's options dataclass.
     pissa_niter_k: with init="pissa", use randomized SVD with this many subspace iterations
         instead of a full SVD (much faster on large layers; PEFT's "pissa_niter_k").
     rank_pattern / alpha_pattern: per-module overrides of r / alpha, keyed by module-name regex.
@@ -62,6 +64,7 @@ class LoraConfig(AdapterConfig):
     pissa_niter_k: int | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    init_options: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
         super().validate()
@@ -73,6 +76,7 @@ class LoraConfig(AdapterConfig):
             require_positive("pissa_niter_k", self.pissa_niter_k, integer=True)
             if self.init != "pissa":
                 raise ConfigError(f"pissa_niter_k={self.pissa_niter_k} only applies with init='pissa', not {self.init!r}")
+        init_options(self.init, self.init_options)  # a data-driven init's options, checked by its own dataclass
         for key, value in self.rank_pattern.items():
             require_positive(f"rank_pattern[{key!r}]", value, integer=True)
         for key, value in self.alpha_pattern.items():

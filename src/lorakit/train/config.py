@@ -32,7 +32,10 @@ class TrainConfig:
     method / adapter: the adapter family and its config fields.
     output_dir: run folder (adapter/, checkpoints/, metrics.json, config.yaml, loss_curve.png).
     max_steps, batch_size, gradient_accumulation_steps, learning_rate, weight_decay, warmup_steps,
-    lr_scheduler: optimisation (AdamW). save_steps: checkpoint every N steps (0: never).
+    lr_scheduler: optimisation. optimizer / optimizer_options: a registered optimiser
+    (`lorakit.optim.registered_optimizers()`; default AdamW) and its options.
+    init_batches: training batches a data-driven init (init="eva", "lora-ga", "lora-sb") may read.
+    save_steps: checkpoint every N steps (0: never).
     eval_examples: held-out examples scored (loss and exact match); max_new_tokens for generation.
     """
 
@@ -54,6 +57,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 3
     lr_scheduler: str = "cosine"
+    optimizer: str = "adamw"
+    optimizer_options: dict[str, Any] = field(default_factory=dict)
+    init_batches: int = 8
     max_length: int = 512
     seed: int = 0
     logging_steps: int = 5
@@ -75,7 +81,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "max_length", "eval_batch_size",
-                     "max_new_tokens", "logging_steps"):
+                     "max_new_tokens", "logging_steps", "init_batches"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name}={value!r} is invalid: it must be a positive integer")
@@ -85,6 +91,9 @@ class TrainConfig:
             raise ConfigError(f"eval_fraction={self.eval_fraction!r} is invalid: it must lie in (0, 1)")
         if self.save_steps < 0 or self.eval_examples < 0 or self.warmup_steps < 0:
             raise ConfigError("save_steps, eval_examples and warmup_steps must be >= 0")
+        from lorakit.optim import optimizer_options
+
+        optimizer_options(self.optimizer, self.optimizer_options)
         self.adapter_config()
 
     def to_dict(self) -> dict[str, Any]:

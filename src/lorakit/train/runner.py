@@ -22,8 +22,10 @@ from transformers.trainer_utils import get_last_checkpoint
 from lorakit.core.errors import ConfigError
 from lorakit.core.inject import inject, trainable_parameters
 from lorakit.core.io import atomic_write_bytes, atomic_write_json, load_adapter_weights, save_adapter
+from lorakit.core.registry import data_initialiser
 from lorakit.data import DataCollator, DataFormatError, Example, default_task, encode, load_records, to_example
 from lorakit.models import load as load_model
+from lorakit.optim import build_optimizer
 from lorakit.train.callbacks import training_callbacks
 from lorakit.train.config import TrainConfig
 from lorakit.train.evaluate import evaluate
@@ -120,6 +122,16 @@ def format_table(before: dict, after: dict) -> str:
     return "\n".join(lines)
 
 
+def init_batches(encoded: list[dict], collate: DataCollator, config: TrainConfig, device) -> list[dict]:
+    """The first `config.init_batches` training batches (seeded shuffle) for a data-driven init."""
+    order = torch.randperm(len(encoded), generator=torch.Generator().manual_seed(config.seed)).tolist()
+    batches = []
+    for start in range(0, min(len(order), config.init_batches * config.batch_size), config.batch_size):
+        batch = collate([encoded[i] for i in order[start:start + config.batch_size]])
+        batches.append({key: value.to(device) for key, value in batch.items()})
+    return batches
+
+
 def training_arguments(config: TrainConfig, checkpoints: Path, progress: bool) -> TrainingArguments:
     return TrainingArguments(
         output_dir=str(checkpoints),
@@ -174,16 +186,25 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, mode
         before = evaluate(model, tokenizer, eval_examples, **eval_kwargs)
         atomic_write_json(before_path, before)
 
+    encoded = [encode(tokenizer, example, config.max_length) for example in train_examples]
+    collate = DataCollator.from_tokenizer(tokenizer)
     set_seed(config.seed)  # the adapter's random init must not depend on how much evaluation drew
-    inject(model, config.adapter_config(), ADAPTER_NAME)
+    adapter_config = config.adapter_config()
+    init_data = None
+    if data_initialiser(getattr(adapter_config, "init", None) or ""):
+        init_data = init_batches(encoded, collate, config, args.device)
+    inject(model, adapter_config, ADAPTER_NAME, data=init_data, progress=progress)
     trainable, total = trainable_parameters(model)
     if progress:
         print(f"{config.method}: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.2f}%)")
 
-    encoded = [encode(tokenizer, example, config.max_length) for example in train_examples]
+    optimizers = (None, None)  # Trainer's own AdamW
+    if config.optimizer != "adamw":
+        optimizers = (build_optimizer(config.optimizer, model, config.learning_rate, config.weight_decay,
+                                      config.optimizer_options), None)
     trainer = AdapterTrainer(
-        model=model, args=args, train_dataset=encoded, data_collator=DataCollator.from_tokenizer(tokenizer),
-        callbacks=training_callbacks(config.method),
+        model=model, args=args, train_dataset=encoded, data_collator=collate,
+        callbacks=training_callbacks(config.method), optimizers=optimizers,
     )
     last = get_last_checkpoint(str(checkpoints)) if resume and checkpoints.exists() else None
     if resume and last is None and progress:
