@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import BertConfig, BertModel, GPT2Config, GPT2Model, LlamaConfig, LlamaForCausalLM
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Test models are tiny: a second thread only adds start-up and contention (several-fold slower
+    on a busy 2-core machine). LORAKIT_TEST_THREADS overrides."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ.get("LORAKIT_TEST_THREADS", "1")))
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
@@ -62,3 +73,28 @@ def tiny_model_folder(tmp_path_factory) -> Path:
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def logits_in_fresh_process(adapter_dir: Path, input_ids: torch.Tensor, work_dir: Path) -> torch.Tensor:
+    """Logits of `tiny_llama()` with the adapter in `adapter_dir` loaded by a new Python process
+    (same torch thread count, so reductions run in the same order): proves a saved adapter needs
+    nothing from the process that wrote it (random bases regenerated from the file's seed, say)."""
+    import subprocess
+    import sys
+
+    tests, src = Path(__file__).resolve().parent, Path(__file__).resolve().parents[1] / "src"
+    torch.save(input_ids, work_dir / "ids.pt")
+    script = f"""
+import sys, torch
+sys.path[:0] = [{str(src)!r}, {str(tests)!r}]
+torch.set_num_threads({torch.get_num_threads()})
+import lorakit
+from conftest import tiny_llama
+ids = torch.load({str(work_dir / 'ids.pt')!r}, weights_only=True)
+model = lorakit.load_adapter(tiny_llama(), {str(adapter_dir)!r})
+with torch.no_grad():
+    torch.save(model(input_ids=ids).logits, {str(work_dir / 'fresh_logits.pt')!r})
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return torch.load(work_dir / "fresh_logits.pt", weights_only=True)

@@ -26,15 +26,6 @@ FULL_RANK = 32  # >= min(in, out) of every targeted tiny layer (32x32, 16x32, 32
 PREFIX = "base_model.model."
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The layers here are tiny: extra threads only add overhead (several-fold on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def max_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
 

@@ -5,22 +5,18 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 import lorakit
-from conftest import model_output, tiny_gpt2, tiny_llama
+from conftest import logits_in_fresh_process, model_output, tiny_gpt2, tiny_llama
 from lorakit.core import adapted_layers
 from lorakit.core.random_basis import UNIFORM_GENERATOR_NAME, uniform_basis_chunks
 from lorakit.methods.nola import CombineSeededBases, NolaAdapter
 
 TARGETS = ["q_proj", "k_proj", "up_proj", "down_proj"]
-SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 def nola(**kwargs) -> lorakit.NolaConfig:
@@ -182,23 +178,8 @@ def test_saved_adapter_loads_identically_in_a_fresh_process(tmp_path, input_ids)
     model = lorakit.inject(tiny_llama(), nola(basis_seed=11))
     perturb(model)
     lorakit.save_adapter(model, tmp_path / "adapter")
-    torch.save(model_output(model, input_ids), tmp_path / "expected.pt")
-    torch.save(input_ids, tmp_path / "ids.pt")
-    script = f"""
-import sys, torch
-sys.path[:0] = [{str(SRC)!r}, {str(Path(__file__).parent)!r}]
-import lorakit
-from conftest import tiny_llama
-ids = torch.load({str(tmp_path / 'ids.pt')!r}, weights_only=True)
-model = lorakit.load_adapter(tiny_llama(), {str(tmp_path / 'adapter')!r})
-with torch.no_grad():
-    out = model(input_ids=ids).logits
-expected = torch.load({str(tmp_path / 'expected.pt')!r}, weights_only=True)
-print(torch.equal(out, expected))
-"""
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip().splitlines()[-1] == "True"
+    fresh = logits_in_fresh_process(tmp_path / "adapter", input_ids, tmp_path)
+    assert torch.equal(fresh, model_output(model, input_ids))
 
 
 # Recipe 5

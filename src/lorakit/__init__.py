@@ -37,12 +37,13 @@ from lorakit.methods import (
     RandLoraConfig,
     VeraConfig,
 )
+from lorakit.optim import LISA
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdaptedLinear", "Adapter", "AdapterConfig", "AdapterFileError", "BlockLoraConfig", "BoneConfig", "ConfigError",
-    "KronConfig", "LamdaConfig", "LolduConfig", "LoraConfig", "LoraXSConfig", "LorakitError", "NolaConfig",
+    "KronConfig", "LISA", "LamdaConfig", "LolduConfig", "LoraConfig", "LoraXSConfig", "LorakitError", "NolaConfig",
     "RandLoraConfig", "TargetError", "VeraConfig", "active_adapters", "adapter_configs", "delete_adapter",
     "disabled", "inject", "load_adapter", "merge", "registered_methods", "save_adapter", "set_active",
     "trainable_parameters", "unload", "unmerge",

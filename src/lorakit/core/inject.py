@@ -167,7 +167,8 @@ def inject(model: nn.Module, config: AdapterConfig, name: str = "default", *, da
             from_data.fn(model, name, data, init_options(init_name, getattr(config, "init_options", {})), progress)
         if not (state_from_file and spec.adapter_cls.BASE_STATE_IN_FILE):
             for layer in layers:
-                layer.adapters[name].initialise_from_base(layer.weight_out_in())
+                if name in layer.adapters:  # a data-driven init may drop a layer's adapter (EVA rank 0)
+                    layer.adapters[name].initialise_from_base(layer.weight_out_in())
     except BaseException:
         undo_inject(model, name, requires_grad)
         raise

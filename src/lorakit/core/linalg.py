@@ -9,11 +9,12 @@ SEED = 42  # seed of the randomized SVD's test matrix (the official TruncatedSVD
 OVERSAMPLE = 10  # extra columns of the randomized range finder (Halko et al.; sklearn's default)
 
 
-def truncated_svd(matrix: torch.Tensor, r: int, niter: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def truncated_svd(matrix: torch.Tensor, r: int, niter: int | None = None,
+                  oversample: int = OVERSAMPLE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-r singular triplets (U_r, S_r, V_r^T) of an (out, in) matrix, in the matrix's dtype.
 
-    niter=None: exact (`torch.linalg.svd`). Otherwise `torch.svd_lowrank` with q = r + 10 columns
-    (clipped to min(out, in)) and `niter` power iterations, its test matrix drawn from a fixed
+    niter=None: exact (`torch.linalg.svd`). Otherwise `torch.svd_lowrank` with q = r + `oversample`
+    columns (default 10; clipped to min(out, in)) and `niter` power iterations, its test matrix drawn from a fixed
     seed in a forked RNG, so the result is reproducible and the caller's RNG is left alone.
     Signs: each column of U_r has its largest-magnitude entry positive (V_r flips with it).
     """
@@ -21,7 +22,7 @@ def truncated_svd(matrix: torch.Tensor, r: int, niter: int | None = None) -> tup
         U, S, Vh = torch.linalg.svd(matrix, full_matrices=False)
         U, S, Vh = U[:, :r], S[:r], Vh[:r]
     else:
-        q = min(r + OVERSAMPLE, *matrix.shape)
+        q = min(r + oversample, *matrix.shape)
         cuda = matrix.device.type == "cuda"
         device = (matrix.device.index if matrix.device.index is not None else torch.cuda.current_device()) if cuda else None
         with torch.random.fork_rng(devices=[device] if cuda else []):  # seeds and restores only the RNG it uses

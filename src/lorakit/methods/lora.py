@@ -93,7 +93,7 @@ class LoraConfig(AdapterConfig):
 
     # --- PEFT's adapter_config.json -------------------------------------------------------
     def init_rewrites_base(self) -> bool:
-        return self.init in ("pissa", "olora")
+        return self.init in ("pissa", "olora", "lora-ga")
 
     def to_file_dict(self, target_names: list[str], for_untouched_base: bool = True) -> dict[str, Any]:
         """PEFT's LoRA config. With `for_untouched_base` an initialiser that rewrote W is written
@@ -111,6 +111,7 @@ class LoraConfig(AdapterConfig):
             init_lora_weights = f"pissa_niter_{self.pissa_niter_k}"
         else:
             init_lora_weights = self.init
+        options = init_options(self.init, self.init_options)  # a data-driven init may add PEFT fields (EVA: eva_config)
         return {
             "peft_type": "LORA",
             "r": self.r * rank_factor,
@@ -122,6 +123,7 @@ class LoraConfig(AdapterConfig):
             "use_rslora": self.use_rslora,
             "use_dora": self.use_dora,
             "init_lora_weights": init_lora_weights,
+            **(options.to_file_dict() if hasattr(options, "to_file_dict") else {}),
             "rank_pattern": {k: v * rank_factor for k, v in self.rank_pattern.items()},
             "alpha_pattern": {k: v * alpha_factor for k, v in self.alpha_pattern.items()},
             "bias": "none",
@@ -154,10 +156,10 @@ class LoraConfig(AdapterConfig):
             init = "default"
         elif isinstance(init, str) and init.startswith("pissa_niter_"):
             niter, init = int(init.rsplit("_", 1)[1]), "pissa"
-        elif init not in ("gaussian", "pissa", "olora"):
+        elif init not in ("gaussian", "pissa", "olora", "eva"):  # EVA files are plain LoRA with rank/alpha patterns
             raise ConfigError(
                 f"adapter_config.json has init_lora_weights={init!r}; lorakit loads "
-                "True, 'gaussian', 'pissa', 'pissa_niter_<k>' and 'olora'"
+                "True, 'gaussian', 'pissa', 'pissa_niter_<k>', 'olora' and 'eva'"
             )
         extra = data.get("lorakit") or {}
         return cls(

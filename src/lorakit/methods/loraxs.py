@@ -31,7 +31,8 @@ s = 1 (alpha = r, this config's default); its initialiser sets the factors throu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -41,9 +42,9 @@ from lorakit.core.adapter import Adapter
 from lorakit.core.config import AdapterConfig, require_choice, require_in_range, require_positive
 from lorakit.core.errors import ConfigError
 from lorakit.core.linalg import truncated_svd
-from lorakit.core.registry import register_method
+from lorakit.core.registry import init_options, register_method
 
-LORAXS_INITS = ("svd",)
+LORAXS_INITS = ("svd", "lora-sb")
 LATENT_INITS = ("zeros", "gaussian")
 LATENT_STD = 1e-5  # the official code's init_module_weights(sigma=1e-5)
 
@@ -58,7 +59,10 @@ class LoraXSConfig(AdapterConfig):
     alpha: scale numerator, s = alpha / r (> 0); None means alpha = r, i.e. s = 1.
     dropout: dropout on the adapter's input, in [0, 1).
     target_modules: module names or suffixes, a regex over full paths, or "all-linear".
-    init: how B and A are set: "svd" (truncated SVD of W, the paper's).
+    init: how B and A are set: "svd" (truncated SVD of W, the paper's), or "lora-sb" (LoRA-SB:
+        B, R, A from the SVD of an estimated first update; needs `inject(..., data=batches)`
+        and s = 1, i.e. alpha unset or = r; see `lorakit.init.lora_sb`).
+    init_options: options of a data-driven init, checked by that initialiser's options dataclass.
     svd_niter: None for the exact SVD; k >= 1 for randomized SVD with k power iterations (much
         faster on large layers; the official sklearn TruncatedSVD used 10).
     latent_init: R at initialisation: "zeros" (exact identity) or "gaussian" (N(0, 1e-5^2),
@@ -72,6 +76,7 @@ class LoraXSConfig(AdapterConfig):
     init: str = "svd"
     svd_niter: int | None = None
     latent_init: str = "zeros"
+    init_options: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
         super().validate()
@@ -83,6 +88,10 @@ class LoraXSConfig(AdapterConfig):
         require_choice("latent_init", self.latent_init, LATENT_INITS)
         if self.svd_niter is not None:
             require_positive("svd_niter", self.svd_niter, integer=True)
+        init_options(self.init, self.init_options)  # a data-driven init's options, checked by its own dataclass
+        if self.init == "lora-sb" and self.alpha is not None and self.alpha != self.r:
+            raise ConfigError(f"init='lora-sb' trains with s = 1 (alpha = r, as the official code forces); "
+                              f"got alpha={self.alpha} with r={self.r}: leave alpha unset")
 
     @property
     def scaling(self) -> float:

@@ -77,4 +77,12 @@ def adamw(model: nn.Module, lr: float, weight_decay: float, options: AdamWOption
     return torch.optim.AdamW(trainable(model), lr=lr, weight_decay=weight_decay, betas=tuple(options.betas), eps=options.eps)
 
 
-__all__ = ["OptimizerSpec", "build_optimizer", "optimizer_options", "register_optimizer", "registered_optimizers", "trainable"]
+# The optimisers register themselves on import (they use the registry above, hence at the end).
+from lorakit.optim.allora import ALLoRA  # noqa: E402
+from lorakit.optim.ggpo import GGPO  # noqa: E402
+from lorakit.optim.lisa import LISA  # noqa: E402
+from lorakit.optim.lora_pro import LoRAPro  # noqa: E402
+from lorakit.optim.loraplus import LoraPlus  # noqa: E402
+
+__all__ = ["ALLoRA", "GGPO", "LISA", "LoRAPro", "LoraPlus", "OptimizerSpec", "build_optimizer", "optimizer_options",
+           "register_optimizer", "registered_optimizers", "trainable"]

@@ -35,6 +35,8 @@ class TrainConfig:
     lr_scheduler: optimisation. optimizer / optimizer_options: a registered optimiser
     (`lorakit.optim.registered_optimizers()`; default AdamW) and its options.
     init_batches: training batches a data-driven init (init="eva", "lora-ga", "lora-sb") may read.
+    lisa_layers / lisa_interval: LISA schedule (`lorakit.LISA`): only `lisa_layers` decoder layers'
+    adapter parameters train, re-drawn (seeded by `seed`) every `lisa_interval` steps; 0: off.
     save_steps: checkpoint every N steps (0: never).
     eval_examples: held-out examples scored (loss and exact match); max_new_tokens for generation.
     """
@@ -60,6 +62,8 @@ class TrainConfig:
     optimizer: str = "adamw"
     optimizer_options: dict[str, Any] = field(default_factory=dict)
     init_batches: int = 8
+    lisa_layers: int = 0
+    lisa_interval: int = 20
     max_length: int = 512
     seed: int = 0
     logging_steps: int = 5
@@ -91,6 +95,10 @@ class TrainConfig:
             raise ConfigError(f"eval_fraction={self.eval_fraction!r} is invalid: it must lie in (0, 1)")
         if self.save_steps < 0 or self.eval_examples < 0 or self.warmup_steps < 0:
             raise ConfigError("save_steps, eval_examples and warmup_steps must be >= 0")
+        if isinstance(self.lisa_layers, bool) or not isinstance(self.lisa_layers, int) or self.lisa_layers < 0:
+            raise ConfigError(f"lisa_layers={self.lisa_layers!r} is invalid: it must be an integer >= 0 (0: LISA off)")
+        if isinstance(self.lisa_interval, bool) or not isinstance(self.lisa_interval, int) or self.lisa_interval <= 0:
+            raise ConfigError(f"lisa_interval={self.lisa_interval!r} is invalid: it must be a positive integer")
         from lorakit.optim import optimizer_options
 
         optimizer_options(self.optimizer, self.optimizer_options)

@@ -8,6 +8,7 @@ reaches the same adapter as an uninterrupted one.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -26,6 +27,7 @@ from lorakit.core.registry import data_initialiser
 from lorakit.data import DataCollator, DataFormatError, Example, default_task, encode, load_records, to_example
 from lorakit.models import load as load_model
 from lorakit.optim import build_optimizer
+from lorakit.optim.lisa import LISA
 from lorakit.train.callbacks import training_callbacks
 from lorakit.train.config import TrainConfig
 from lorakit.train.evaluate import evaluate
@@ -132,6 +134,15 @@ def init_batches(encoded: list[dict], collate: DataCollator, config: TrainConfig
     return batches
 
 
+def run_init_options(options_cls: type, config: TrainConfig) -> dict[str, Any]:
+    """Options of a data-driven init that describe the run (LoRA-SB's first-step size needs the
+    run's lr, warm-up fraction and length), taken from this run unless the user set them."""
+    run = {"lr": config.learning_rate, "total_steps": config.max_steps,
+           "warmup_ratio": min(1.0, max(config.warmup_steps, 1) / config.max_steps)}
+    fields = {f.name for f in dataclasses.fields(options_cls)}
+    return {name: value for name, value in run.items() if name in fields}
+
+
 def training_arguments(config: TrainConfig, checkpoints: Path, progress: bool) -> TrainingArguments:
     return TrainingArguments(
         output_dir=str(checkpoints),
@@ -191,8 +202,11 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, mode
     set_seed(config.seed)  # the adapter's random init must not depend on how much evaluation drew
     adapter_config = config.adapter_config()
     init_data = None
-    if data_initialiser(getattr(adapter_config, "init", None) or ""):
+    from_data = data_initialiser(getattr(adapter_config, "init", None) or "")
+    if from_data is not None:
         init_data = init_batches(encoded, collate, config, args.device)
+        adapter_config.init_options = {**run_init_options(from_data.options, config), **adapter_config.init_options}
+        adapter_config.validate()
     inject(model, adapter_config, ADAPTER_NAME, data=init_data, progress=progress)
     trainable, total = trainable_parameters(model)
     if progress:
@@ -202,9 +216,12 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, mode
     if config.optimizer != "adamw":
         optimizers = (build_optimizer(config.optimizer, model, config.learning_rate, config.weight_decay,
                                       config.optimizer_options), None)
+    callbacks = training_callbacks(config.method)
+    if config.lisa_layers:  # LISA over the adapter's parameters, grouped by decoder layer
+        callbacks.append(LISA(model, config.lisa_layers, config.lisa_interval, seed=config.seed))
     trainer = AdapterTrainer(
         model=model, args=args, train_dataset=encoded, data_collator=collate,
-        callbacks=training_callbacks(config.method), optimizers=optimizers,
+        callbacks=callbacks, optimizers=optimizers,
     )
     last = get_last_checkpoint(str(checkpoints)) if resume and checkpoints.exists() else None
     if resume and last is None and progress:
