@@ -323,3 +323,11 @@ def test_data_initialiser_gets_the_batches_its_options_and_runs_inside_inject():
         lorakit.inject(tiny_llama(), lorakit.LoraConfig(r=2, target_modules=["q_proj"]), data=[{}])
     with pytest.raises(lorakit.ConfigError, match="takes no options"):
         lorakit.LoraConfig(init_options={"x": 1})
+
+
+def test_public_functions_are_not_shadowed_by_the_tool_packages_of_the_same_name():
+    import sys
+
+    assert lorakit.merge is sys.modules["lorakit.core.inject"].merge  # not the lorakit/merge/ package
+    assert callable(lorakit.prune) and callable(lorakit.merge_adapters) and callable(lorakit.quantize)
+    assert all(hasattr(lorakit, name) for name in lorakit.__all__)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import lorakit
-from conftest import MODEL_BUILDERS, model_output
+from conftest import MODEL_BUILDERS, model_output, tiny_llama
 
 VARIANTS = {
     "lora": dict(),
@@ -105,3 +105,11 @@ def test_same_weights_give_same_outputs_as_peft(input_ids, architecture, variant
         getattr(ours, mode)()
         getattr(theirs, mode)()
     assert (model_output(ours, input_ids) - model_output(theirs, input_ids)).abs().max() <= TOLERANCE
+
+
+def test_peft_adapter_saved_with_random_init_loads(tmp_path, input_ids):
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    expected = model_output(theirs, input_ids)
+    theirs.save_pretrained(tmp_path)
+    ours = lorakit.load_adapter(tiny_llama(), tmp_path)
+    assert (model_output(ours, input_ids) - expected).abs().max() <= 1e-5

@@ -2,7 +2,10 @@
 
 from lorakit import init as _register_initialisers  # noqa: F401  (fills the initialiser registry)
 from lorakit import methods as _register_methods  # noqa: F401  (fills the method registry)
-from lorakit import data, export, models, optim
+# The tool subpackages come before `lorakit.core`'s functions: importing `lorakit.merge` (the
+# adapter-merging package) or `lorakit.prune` binds the package to that attribute, and the public
+# functions `lorakit.merge(model)` / `lorakit.prune(model, ...)` must be what the names end up as.
+from lorakit import analysis, data, export, merge, models, optim, prune, quant, rank
 from lorakit.core import (
     AdaptedLinear,
     Adapter,
@@ -25,7 +28,9 @@ from lorakit.core import (
     unload,
     unmerge,
 )
+from lorakit.merge import merge_adapters
 from lorakit.methods import (
+    AdaLoraConfig,
     BlockLoraConfig,
     BoneConfig,
     KronConfig,
@@ -38,13 +43,16 @@ from lorakit.methods import (
     VeraConfig,
 )
 from lorakit.optim import LISA
+from lorakit.prune import prune
+from lorakit.quant import quantize
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdaptedLinear", "Adapter", "AdapterConfig", "AdapterFileError", "BlockLoraConfig", "BoneConfig", "ConfigError",
-    "KronConfig", "LISA", "LamdaConfig", "LolduConfig", "LoraConfig", "LoraXSConfig", "LorakitError", "NolaConfig",
-    "RandLoraConfig", "TargetError", "VeraConfig", "active_adapters", "adapter_configs", "delete_adapter",
-    "disabled", "inject", "load_adapter", "merge", "registered_methods", "save_adapter", "set_active",
+    "AdaLoraConfig", "AdaptedLinear", "Adapter", "AdapterConfig", "AdapterFileError", "BlockLoraConfig",
+    "BoneConfig", "ConfigError", "KronConfig", "LISA", "LamdaConfig", "LolduConfig", "LoraConfig",
+    "LoraXSConfig", "LorakitError", "NolaConfig", "RandLoraConfig", "TargetError", "VeraConfig",
+    "active_adapters", "adapter_configs", "analysis", "delete_adapter", "disabled", "inject", "load_adapter",
+    "merge", "merge_adapters", "prune", "quantize", "rank", "registered_methods", "save_adapter", "set_active",
     "trainable_parameters", "unload", "unmerge",
 ]

@@ -117,6 +117,107 @@ def _export_parser(sub) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar or per-layer table")
 
 
+def _analyze_parser(sub) -> None:
+    parser = sub.add_parser(
+        "analyze", help="intruder dimensions, update spectra, effective ranks and norm limits of an adapter or a fine-tuned model",
+        description="Per layer: intruder dimensions of W0 + dW (top-k singular vectors whose max |cosine| with every "
+        "base singular vector is below the threshold; arXiv 2410.21228), singular values and effective rank of dW, "
+        "the layer's adapter rank, and for q/k/v the max-entry norms against sqrt(ln L) (arXiv 2406.03136). "
+        "Writes report.txt, analysis.json and spectra.png into --out.")
+    parser.add_argument("source", type=Path, metavar="ADAPTER_OR_MODEL", help="adapter folder, or a fully fine-tuned model folder")
+    parser.add_argument("--base", help="base model (adapter default: its base_model_name_or_path if local, else the embedded default; required for a model folder)")
+    parser.add_argument("--out", type=Path, metavar="DIR", help="output folder (default: ADAPTER_OR_MODEL-analysis next to it)")
+    parser.add_argument("--top-k", type=int, default=10, help="fine-tuned singular vectors examined (default: 10)")
+    parser.add_argument("--threshold", type=float, default=0.5, help="cosine threshold eps (default: 0.5)")
+    parser.add_argument("--norm-examples", type=int, default=4, help="held-out prompts for the norm check (0 skips it)")
+    parser.add_argument("--device", help="where the SVDs run (default: cuda if available, else cpu)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or loading messages")
+
+
+def _prune_parser(sub) -> None:
+    from lorakit.prune import PruneOptions
+
+    parser = sub.add_parser(
+        "prune", help="structured pruning guided by a LoRA (LoRAPrune): a physically smaller model",
+        description="Fine-tunes a LoRA on --data while masking the lowest-scoring key/value groups and MLP channels "
+        "(LoRAPrune's LoRA-gradient importance, EMA, cubic schedule; arXiv 2305.18403), merges the LoRA, removes the "
+        "masked groups and writes a transformers model folder plus prune_report.json into --out.")
+    parser.add_argument("--ratio", type=float, required=True, help="fraction of KV groups and MLP channels pruned per layer, in [0, 1)")
+    parser.add_argument("--model", help="model to prune (default: the embedded default)")
+    parser.add_argument("--data", default="default", help="training records: JSONL/JSON/CSV file or folder, or 'default' (built-in task)")
+    parser.add_argument("--eval-data", help="held-out records for perplexity before/after (default: the built-in task's held-out split with --data default, else none)")
+    parser.add_argument("--examples", type=int, default=256, help="training examples used (default: 256)")
+    parser.add_argument("--eval-examples", type=int, default=64, help="held-out examples scored (default: 64)")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--out", type=Path, required=True, metavar="OUT", help="output model folder (must be new or empty)")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    parser.add_argument("--device", help="where to run (default: cuda if available, else cpu)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    group = parser.add_argument_group("pruning options (lorakit.prune.PruneOptions)")
+    seen: set[str] = set()
+    for field in dataclasses.fields(PruneOptions):
+        _add_field_flag(group, field, f"prune.{field.name}", seen)
+
+
+def _merge_parser(sub) -> None:
+    parser = sub.add_parser(
+        "merge", help="merge LoRA adapters of one base into one PEFT LoRA adapter (LoRA-LEGO, linear, cat, svd, TIES, DARE)",
+        description="linear: the exact weighted sum of the adapters' updates, re-factorised at its exact rank; cat: the "
+        "same sum as concatenated factors; svd: its best rank-R approximation; ties / dare: TIES-Merging / DARE on the "
+        "updates, then rank R; lego: LoRA-LEGO (arXiv 2409.16167), k-means of the rank-1 units to R clusters with dual "
+        "reweighting. Writes a PEFT LoRA folder plus merge_report.json (see lorakit.merge).")
+    parser.add_argument("adapters", type=Path, nargs="+", metavar="DIR", help="LoRA adapter folders (lorakit's or PEFT's)")
+    parser.add_argument("--method", default="linear", choices=["lego", "linear", "cat", "svd", "ties", "dare"])
+    parser.add_argument("--weights", type=float, nargs="+", help="one per adapter (default: 1/N; 1 for ties and lego)")
+    parser.add_argument("--out", type=Path, required=True, metavar="OUT", help="output folder (must be new or empty)")
+    parser.add_argument("--rank", type=int, help="merged rank (svd, ties, dare, lego)")
+    parser.add_argument("--density", type=float, help="fraction of entries kept (ties: 0.2, dare: 0.1)")
+    parser.add_argument("--sign-method", choices=["total", "frequency"], help="ties: sign election (default: total)")
+    parser.add_argument("--seed", type=int, help="dare drop masks / lego k-means++ seed (default: 0)")
+    parser.add_argument("--iterations", type=int, help="lego: k-means iterations (default: 10)")
+    parser.add_argument("--param-reweight", action=argparse.BooleanOptionalAction, help="lego: norm-decay reweighting (default: on)")
+    parser.add_argument("--output-reweight", action=argparse.BooleanOptionalAction, help="lego: sqrt(r/k) output reweighting (default: on)")
+    parser.add_argument("--param-norm", choices=["linf", "l2"], help="lego: norm of the parameter reweighting (default: linf)")
+    parser.add_argument("--feature", choices=["direction", "raw"], help="lego: clustering feature (default: direction)")
+    parser.add_argument("--tolerance", type=float, help="linear: relative singular-value cut-off (default: 1e-10)")
+    parser.add_argument("--model", help="base model, needed only for DoRA inputs (default: from the adapters, else the embedded default)")
+    parser.add_argument("--force", action="store_true", help="overwrite the adapter files in a non-empty --out")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or per-layer table")
+
+
+def _quantize_parser(sub) -> None:
+    parser = sub.add_parser(
+        "quantize", help="weight-only quantization of a model's decoder Linear layers: CBQ with LoRA-Rounding, or round-to-nearest",
+        description="cbq (arXiv 2312.07950): coarse-to-fine outlier pre-processing, then cross-block reconstruction in "
+        "overlapping windows of decoder blocks with LoRA-Rounding (low-rank learnt rounding) and learnt group steps, on "
+        "calibration records from --data; rtn: round-to-nearest, no data. Writes quantized_model.safetensors (integer "
+        "codes, group steps and zero-points), quantize_config.json and quant_report.json into --out; reload with "
+        "lorakit.quant.load_quantized(OUT, MODEL).")
+    parser.add_argument("--bits", type=int, default=4, help="bits per weight, 2..8 (default: 4)")
+    parser.add_argument("--group-size", type=int, default=128, help="input columns per step/zero-point, -1: one per row (default: 128)")
+    parser.add_argument("--method", default="cbq", choices=["cbq", "rtn"])
+    parser.add_argument("--model", help="model to quantize (default: the embedded default)")
+    parser.add_argument("--data", default="default", help="calibration records: JSONL/JSON/CSV file or folder, or 'default' (built-in task)")
+    parser.add_argument("--samples", type=int, default=8, help="calibration records (default: 8)")
+    parser.add_argument("--max-length", type=int, default=128, help="tokens per calibration record (default: 128)")
+    parser.add_argument("--batch-size", type=int, default=1, help="calibration records per step (default: 1)")
+    parser.add_argument("--eval-data", help="held-out records whose responses are scored (perplexity before/after)")
+    parser.add_argument("--eval-examples", type=int, default=64, help="held-out records scored (default: 64)")
+    for flag, kind, text in (("--window", int, "blocks per window (default: 2)"), ("--overlap", int, "blocks shared by consecutive windows (default: 1)"),
+                             ("--epochs", int, "passes over the calibration batches per window (default: 2)"),
+                             ("--rank", int, "LoRA-Rounding rank (default: 4)"), ("--lr", float, "rounding factors' Adam lr (default: 1e-2)"),
+                             ("--step-lr", float, "log step sizes' Adam lr (default: 1e-3)"), ("--kl-weight", float, "KL term weight (default: 1)"),
+                             ("--round-weight", float, "rounding regulariser weight (default: 1)")):
+        parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=text)
+    parser.add_argument("--weight-outliers", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help="CFP weight truncation (default: off)")
+    parser.add_argument("--activation-outliers", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help="CFP activation scaling (default: on)")
+    parser.add_argument("--out", type=Path, required=True, metavar="OUT", help="output folder (must be new or empty)")
+    parser.add_argument("--force", action="store_true", help="overwrite the files in a non-empty --out")
+    parser.add_argument("--device", help="where to run (default: cuda if available, else cpu)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorakit", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"lorakit {lorakit.__version__}")
@@ -125,6 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_parser(sub)
     _generate_parser(sub)
     _export_parser(sub)
+    _merge_parser(sub)
+    _analyze_parser(sub)
+    _prune_parser(sub)
+    _quantize_parser(sub)
     return parser
 
 
@@ -203,6 +308,83 @@ def run_export(args: argparse.Namespace) -> None:
         print(f"lorakit export: warning: {warning}", file=sys.stderr)
 
 
+def run_analyze(args: argparse.Namespace) -> None:
+    from lorakit.analysis import analyze, format_report
+
+    out = args.out or args.source.resolve().parent / f"{args.source.resolve().name}-analysis"
+    report = analyze(args.source, args.base, out, top_k=args.top_k, threshold=args.threshold,
+                     norm_examples=args.norm_examples, device=args.device, progress=not args.quiet,
+                     log=None if args.quiet else print)
+    print(format_report(report, per_layer=False))  # the per-layer table is in report.txt
+    print(f"wrote {out}: report.txt (per-layer table), analysis.json, spectra.png")
+
+
+def run_prune(args: argparse.Namespace) -> None:
+    import torch
+
+    from lorakit.data import DataCollator, default_task, encode, load_records, to_example
+    from lorakit.prune import prune
+
+    options = {key[len("prune."):]: value for key, value in vars(args).items() if key.startswith("prune.")}
+    model, tokenizer = lorakit.models.load(args.model)
+    model.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    collate = DataCollator.from_tokenizer(tokenizer)
+
+    def batches(records: list[dict], limit: int) -> list[dict]:
+        encoded = [encode(tokenizer, to_example(r), args.max_length) for r in records[:limit]]
+        return [collate(encoded[i:i + args.batch_size]) for i in range(0, len(encoded), args.batch_size)]
+
+    train_records = default_task()[0] if args.data == "default" else load_records(args.data)
+    eval_source = args.eval_data or ("default" if args.data == "default" else None)
+    eval_records = None if eval_source is None else default_task()[1] if eval_source == "default" else load_records(eval_source)
+    report = prune(model, args.ratio, data=batches(train_records, args.examples),
+                   eval_data=None if eval_records is None else batches(eval_records, args.eval_examples),
+                   tokenizer=tokenizer, out_dir=args.out, force=args.force, progress=not args.quiet, **options).prune_report
+    print(json.dumps({k: report[k] for k in ("ratio", "parameters_before", "parameters_after", "perplexity_before",
+                                             "perplexity_after", "importance_memory")}, indent=2))
+
+
+def run_merge(args: argparse.Namespace) -> None:
+    from lorakit.merge import _OPTIONS, format_report, merge_adapters
+
+    options = {key: getattr(args, key) for key in _OPTIONS[args.method] if getattr(args, key) is not None}
+    given = [key for key in ("rank", "density", "sign_method", "seed", "iterations", "param_reweight", "output_reweight",
+                             "param_norm", "feature", "tolerance") if getattr(args, key) is not None and key not in options]
+    if given:
+        raise LorakitError(f"--method {args.method} takes no {', '.join('--' + k.replace('_', '-') for k in given)}")
+    report = merge_adapters(args.adapters, args.method, args.weights, args.out, model=args.model, force=args.force,
+                            progress=not args.quiet, **options)
+    print(format_report(report, per_layer=not args.quiet))
+    for warning in report.warnings:
+        print(f"lorakit merge: warning: {warning}", file=sys.stderr)
+
+
+def run_quantize(args: argparse.Namespace) -> None:
+    import torch
+
+    from lorakit.data import default_task, load_records, to_example
+    from lorakit.quant import calibration_batches, perplexity, quantize
+
+    if args.out.exists() and any(args.out.iterdir()) and not args.force:
+        raise LorakitError(f"--out {args.out} is not empty; pick a new folder or pass --force")
+    options = {key: getattr(args, key) for key in ("window", "overlap", "epochs", "rank", "lr", "step_lr", "kl_weight",
+                                                  "round_weight", "weight_outliers", "activation_outliers") if hasattr(args, key)}
+    model, tokenizer = lorakit.models.load(args.model)
+    model.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    data = None
+    if args.method == "cbq":
+        records = default_task()[0] if args.data == "default" else load_records(args.data)
+        data = calibration_batches(tokenizer, records, args.samples, args.max_length, args.batch_size)
+    texts = [to_example(r).response for r in load_records(args.eval_data)[: args.eval_examples]] if args.eval_data else []
+    before = perplexity(model, tokenizer, texts) if texts else None
+    quantize(model, args.bits, args.group_size, data=data, method=args.method, progress=not args.quiet, **options)
+    extra = {"perplexity_before": before, "perplexity_after": perplexity(model, tokenizer, texts)} if texts else {}
+    lorakit.quant.save_quantized(model, args.out, extra_report=extra)
+    state = model._lorakit_quant["report"]
+    print(json.dumps({"method": args.method, "bits": args.bits, "group_size": args.group_size, "seconds": state["seconds"], **extra}, indent=2))
+    print(f"wrote {args.out}: quantized_model.safetensors, quantize_config.json, quant_report.json")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -217,6 +399,14 @@ def main(argv: list[str] | None = None) -> int:
             run_generate(args)
         elif args.verb == "export":
             run_export(args)
+        elif args.verb == "merge":
+            run_merge(args)
+        elif args.verb == "analyze":
+            run_analyze(args)
+        elif args.verb == "prune":
+            run_prune(args)
+        elif args.verb == "quantize":
+            run_quantize(args)
     except (LorakitError, ValueError, FileNotFoundError) as err:
         print(f"lorakit {args.verb}: error: {err}", file=sys.stderr)
         return 2

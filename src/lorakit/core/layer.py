@@ -15,6 +15,14 @@ except ImportError:  # pragma: no cover - transformers is a hard dependency, kep
 ADAPTABLE_LAYERS: tuple[type, ...] = (nn.Linear,) + ((Conv1D,) if Conv1D else ())
 
 
+def weight_out_in(layer: nn.Module) -> torch.Tensor:
+    """The weight of an `nn.Linear`, transformers `Conv1D` (stored (in, out)) or `AdaptedLinear`
+    as an (out, in) view of its storage."""
+    if isinstance(layer, AdaptedLinear):
+        return layer.weight_out_in()
+    return layer.weight.data if isinstance(layer, nn.Linear) else layer.weight.data.T
+
+
 def layer_features(layer: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of an `nn.Linear` or transformers `Conv1D`."""
     if isinstance(layer, nn.Linear):

@@ -42,13 +42,13 @@ from lorakit.core.inject import (
     requires_grad_flags,
 )
 from lorakit.core.io import CONFIG_NAME, WEIGHTS_NAME, load_adapter, read_adapter_config, save_adapter
-from lorakit.core.layer import AdaptedLinear
+from lorakit.core.layer import AdaptedLinear, weight_out_in
 from lorakit.core.registry import weight_initialiser
 from lorakit.export import vllm
 from lorakit.export.svd import low_rank_factors, relative_error
 from lorakit.methods.lora import LoraConfig
 
-__all__ = ["ExportReport", "export_adapter", "format_report", "load_base_model", "low_rank_factors", "vllm"]
+__all__ = ["ExportReport", "adapter_deltas", "export_adapter", "format_report", "load_base_model", "low_rank_factors", "vllm"]
 
 EXACT = 1e-5  # a layer whose relative error is at most this is reported as exact
 _SOURCE = "lorakit_export_source"  # adapter names used on the model during an export
@@ -167,12 +167,6 @@ def _check_destination(out: Path, force: bool) -> None:
                           "(force=True) to overwrite the adapter files in it")
 
 
-def _weight_out_in(module: nn.Module) -> torch.Tensor:
-    if isinstance(module, AdaptedLinear):
-        return module.weight_out_in()
-    return module.weight.data if isinstance(module, nn.Linear) else module.weight.data.T  # Conv1D is (in, out)
-
-
 @contextlib.contextmanager
 def _adapter_loaded(model: nn.Module, folder: Path, config: AdapterConfig) -> Iterator[dict[str, torch.Tensor]]:
     """Load the adapter as `_SOURCE`; yield the untouched weights of the layers whose W loading
@@ -186,19 +180,34 @@ def _adapter_loaded(model: nn.Module, folder: Path, config: AdapterConfig) -> It
     # load_adapter rewrites W exactly when the config names a weight initialiser; keep W first.
     if weight_initialiser(getattr(config, "init", None) or "") is not None:
         for path in find_targets(model, config.target_modules):
-            originals[path] = _weight_out_in(model.get_submodule(path)).clone()
+            originals[path] = weight_out_in(model.get_submodule(path)).clone()
     load_adapter(model, folder, name=_SOURCE)
     try:
         yield originals
     finally:
         with torch.no_grad():
             for path, weight in originals.items():
-                _weight_out_in(model.get_submodule(path)).copy_(weight)
+                weight_out_in(model.get_submodule(path)).copy_(weight)
         for adapter_name in (_TARGET, _SOURCE):
             if adapter_name in adapter_configs(model):
                 delete_adapter(model, adapter_name)
         for param in model.parameters():
             param.requires_grad_(flags.get(id(param), param.requires_grad))
+
+
+def adapter_deltas(model: nn.Module, folder: str | os.PathLike,
+                   config: AdapterConfig | None = None) -> Iterator[tuple[str, torch.Tensor, torch.Tensor, Adapter]]:
+    """(path, untouched W, dW in float64, adapter) for every layer of the adapter saved in `folder`,
+    which is loaded on `model` meanwhile; afterwards the model is as it was. dW is measured against
+    the untouched base, so it is right for every family (W-dependent ones and PiSSA-style files too)."""
+    folder = Path(folder)
+    if config is None:
+        folder, config = read_adapter_config(folder)
+    with _adapter_loaded(model, folder, config) as originals, torch.no_grad():
+        for path, layer in adapted_layers(model):
+            if _SOURCE in layer.adapters:
+                base = originals.get(path, layer.weight_out_in())
+                yield path, base, _effective_delta(layer, originals.get(path)), layer.adapters[_SOURCE]
 
 
 def _delta64(adapter: Adapter, weight: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """Adapter families; importing this package registers every method."""
 
+from lorakit.methods.adalora import AdaLoraAdapter, AdaLoraConfig
 from lorakit.methods.block_lora import BlockLoraAdapter, BlockLoraConfig
 from lorakit.methods.bone import BoneAdapter, BoneConfig
 from lorakit.methods.kron import KronAdapter, KronConfig
@@ -16,3 +17,4 @@ __all__ = [
     "LamdaConfig", "LolduAdapter", "LolduConfig", "LoraAdapter", "LoraConfig", "LoraXSAdapter", "LoraXSConfig",
     "NolaAdapter", "NolaConfig", "RandLoraAdapter", "RandLoraConfig", "VeraAdapter", "VeraConfig",
 ]
+__all__ += ["AdaLoraAdapter", "AdaLoraConfig"]

@@ -152,14 +152,14 @@ class LoraConfig(AdapterConfig):
                 )
         init = data.get("init_lora_weights", True)
         niter = None
-        if init is True:
+        if init is True or init is False:  # False: PEFT's random (non-identity) init; the file holds the trained factors
             init = "default"
         elif isinstance(init, str) and init.startswith("pissa_niter_"):
             niter, init = int(init.rsplit("_", 1)[1]), "pissa"
         elif init not in ("gaussian", "pissa", "olora", "eva"):  # EVA files are plain LoRA with rank/alpha patterns
             raise ConfigError(
                 f"adapter_config.json has init_lora_weights={init!r}; lorakit loads "
-                "True, 'gaussian', 'pissa', 'pissa_niter_<k>', 'olora' and 'eva'"
+                "True, False, 'gaussian', 'pissa', 'pissa_niter_<k>', 'olora' and 'eva'"
             )
         extra = data.get("lorakit") or {}
         return cls(

@@ -38,6 +38,9 @@ class TrainConfig:
     lisa_layers / lisa_interval: LISA schedule (`lorakit.LISA`): only `lisa_layers` decoder layers'
     adapter parameters train, re-drawn (seeded by `seed`) every `lisa_interval` steps; 0: off.
     save_steps: checkpoint every N steps (0: never).
+    rank_policy / rank_policy_options: a rank policy (`lorakit.rank.registered_rank_policies()`: "adalora",
+    "lamda++", ...) and its options; the final per-module ranks are printed and saved in the adapter.
+    A policy that needs its own adapter family ("adalora") selects it when `method` is left at "lora".
     eval_examples: held-out examples scored (loss and exact match); max_new_tokens for generation.
     """
 
@@ -64,6 +67,8 @@ class TrainConfig:
     init_batches: int = 8
     lisa_layers: int = 0
     lisa_interval: int = 20
+    rank_policy: str | None = None
+    rank_policy_options: dict[str, Any] = field(default_factory=dict)
     max_length: int = 512
     seed: int = 0
     logging_steps: int = 5
@@ -76,6 +81,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.output_dir is None:
             self.output_dir = str(Path("runs") / time.strftime("lorakit-%Y%m%d-%H%M%S"))
+        if self.rank_policy is not None and self.method == "lora":  # e.g. --rank-policy adalora alone
+            from lorakit.rank import policy as rank_policies
+
+            self.method = rank_policies.rank_policy_spec(self.rank_policy).cls.method or self.method
 
     def adapter_config(self):
         spec = method_spec(self.method)
@@ -102,6 +111,14 @@ class TrainConfig:
         from lorakit.optim import optimizer_options
 
         optimizer_options(self.optimizer, self.optimizer_options)
+        if self.rank_policy is not None:
+            from lorakit.rank import policy as rank_policies
+
+            rank_policies.rank_policy_options(self.rank_policy, self.rank_policy_options)
+            needs = rank_policies.rank_policy_spec(self.rank_policy).cls.method
+            if needs is not None and self.method != needs:
+                raise ConfigError(f"rank_policy={self.rank_policy!r} works on {needs!r} adapters, not method="
+                                  f"{self.method!r}; pass --method {needs} (or leave --method unset)")
         self.adapter_config()
 
     def to_dict(self) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from lorakit.data import DataCollator, DataFormatError, Example, default_task, e
 from lorakit.models import load as load_model
 from lorakit.optim import build_optimizer
 from lorakit.optim.lisa import LISA
+from lorakit.rank import build_rank_policy
 from lorakit.train.callbacks import training_callbacks
 from lorakit.train.config import TrainConfig
 from lorakit.train.evaluate import evaluate
@@ -207,6 +208,9 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, mode
         init_data = init_batches(encoded, collate, config, args.device)
         adapter_config.init_options = {**run_init_options(from_data.options, config), **adapter_config.init_options}
         adapter_config.validate()
+    policy = build_rank_policy(config.rank_policy, config.rank_policy_options) if config.rank_policy else None
+    if policy is not None:  # a policy may set per-module ranks before inject (LaMDA++)
+        adapter_config = policy.prepare_config(model, adapter_config)
     inject(model, adapter_config, ADAPTER_NAME, data=init_data, progress=progress)
     trainable, total = trainable_parameters(model)
     if progress:
@@ -219,6 +223,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, mode
     callbacks = training_callbacks(config.method)
     if config.lisa_layers:  # LISA over the adapter's parameters, grouped by decoder layer
         callbacks.append(LISA(model, config.lisa_layers, config.lisa_interval, seed=config.seed))
+    if policy is not None:
+        callbacks.append(policy)
     trainer = AdapterTrainer(
         model=model, args=args, train_dataset=encoded, data_collator=collate,
         callbacks=callbacks, optimizers=optimizers,
@@ -245,8 +251,12 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, mode
         },
         "log_history": trainer.state.log_history,
     }
+    if policy is not None:
+        metrics["train"]["ranks"] = policy.final_ranks(model)
     atomic_write_json(run_dir / "metrics.json", metrics)
     if progress:
+        if policy is not None:
+            print(f"final ranks ({config.rank_policy}):\n{policy.rank_table(model, ADAPTER_NAME)}")
         print(format_table(before, after))
         print(f"run folder: {run_dir} (adapter/, metrics.json, config.yaml, loss_curve.png)")
     return metrics

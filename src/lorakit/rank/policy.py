@@ -1,0 +1,85 @@
+"""What a rank policy is, and the registry `lorakit train --rank-policy NAME` reads.
+
+A rank policy is a `transformers.TrainerCallback` with two extra, loop-agnostic entry points:
+
+- `prepare_config(model, config) -> config`: runs once on the base model before `inject`
+  (LaMDA++ writes its per-module ranks into the config here; most policies return it unchanged).
+- `final_ranks(model) -> {module path: rank}`: the ranks at the end, for the printed table and
+  the saved `rank_pattern`.
+
+Policies that act during training implement their plain-loop method (AdaLoRA: `step`) and call it
+from the matching Trainer event, so one implementation serves both. A policy that needs a
+particular adapter family says so in `method` (AdaLoRA needs the SVD-form "adalora" adapter);
+`lorakit train --rank-policy adalora` then trains that family unless another --method is given,
+which is an error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import nn
+from transformers import TrainerCallback
+
+from lorakit.core.config import AdapterConfig, reject_unknown_fields
+from lorakit.core.errors import ConfigError
+from lorakit.core.inject import adapted_layers
+
+
+class RankPolicy(TrainerCallback):
+    name: ClassVar[str] = ""
+    method: ClassVar[str | None] = None  # the adapter family the policy needs, if any
+
+    def prepare_config(self, model: nn.Module, config: AdapterConfig) -> AdapterConfig:
+        return config
+
+    def final_ranks(self, model: nn.Module) -> dict[str, int]:
+        raise NotImplementedError
+
+    def rank_table(self, model: nn.Module, adapter_name: str = "default") -> str:
+        from lorakit.rank.budget import format_rank_table
+
+        shapes = {path: (layer.in_features, layer.out_features) for path, layer in adapted_layers(model)
+                  if adapter_name in layer.adapters}
+        return format_rank_table(self.final_ranks(model), shapes, getattr(self, "budget", None))
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    name: str
+    cls: type
+    options: type  # dataclass of the policy's options (`--rank-policy-options '{...}'`)
+
+
+_POLICIES: dict[str, PolicySpec] = {}
+
+
+def register_rank_policy(name: str, options: type):
+    def decorate(cls):
+        cls.name = name
+        _POLICIES[name] = PolicySpec(name, cls, options)
+        return cls
+
+    return decorate
+
+
+def registered_rank_policies() -> list[str]:
+    return sorted(_POLICIES)
+
+
+def rank_policy_spec(name: str) -> PolicySpec:
+    if name not in _POLICIES:
+        raise ConfigError(f"unknown rank_policy {name!r}; registered: {', '.join(registered_rank_policies())}")
+    return _POLICIES[name]
+
+
+def rank_policy_options(name: str, options: dict[str, Any]):
+    spec = rank_policy_spec(name)
+    reject_unknown_fields(spec.options, options)
+    return spec.options(**options)
+
+
+def build_rank_policy(name: str, options: dict[str, Any]) -> RankPolicy:
+    """The policy `name` with its options (unknown keys are errors)."""
+    return rank_policy_spec(name).cls(options=rank_policy_options(name, options))
