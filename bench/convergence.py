@@ -138,7 +138,7 @@ def family_recipes() -> list[Recipe]:
     learning rate `bench/families.py` gives it (its `LR_MULTIPLIER`, with the papers' sources)."""
     import lorakit
 
-    taken = {r.method for r in RECIPES}
+    taken = {r.method for r in RECIPES} | families_bench.NEEDS_RANK_POLICY
     return [Recipe(name, name, name, lr=LORA_LR * families_bench.LR_MULTIPLIER.get(name, 1.0))
             for name in lorakit.registered_methods() if name not in taken]
 

@@ -63,12 +63,17 @@ class Family:
     fields: dict = field(default_factory=dict)  # config fields besides the class defaults
 
 
+# Methods that only train with a rank policy driving them (AdaLoRA's allocator): `bench/rank.py`.
+NEEDS_RANK_POLICY = {"adalora"}
+
+
 def default_families() -> list[Family]:
     """LoRA r=16, then every other registered method at its config class's defaults."""
     import lorakit
 
     families = [Family(BASELINE, "lora", {"r": 16, "alpha": 32.0})]
-    families += [Family(name, name) for name in lorakit.registered_methods() if name != "lora"]
+    families += [Family(name, name) for name in lorakit.registered_methods()
+                 if name != "lora" and name not in NEEDS_RANK_POLICY]
     return families
 
 
@@ -108,8 +113,8 @@ class FamilyResult:
         return statistics.median(self.step_times_s)
 
 
-def _batches(tokenizer, examples, settings: Settings) -> list[dict[str, torch.Tensor]]:
-    """The same `steps` batches, in the same order, for every family."""
+def training_batches(tokenizer, examples, settings) -> list[dict[str, torch.Tensor]]:
+    """`settings.steps` batches of `settings.batch_size` (seeded order, cycling), the same for every method."""
     from lorakit.data import DataCollator, encode
 
     collate = DataCollator.from_tokenizer(tokenizer)
@@ -227,7 +232,7 @@ def measure(base: nn.Module, tokenizer, families: list[Family], settings: Settin
     train_records, eval_records = default_task(seed=settings.seed)
     train_examples = [to_example(r) for r in train_records]
     eval_examples = [to_example(r) for r in eval_records][: settings.eval_examples]
-    batches = _batches(tokenizer, train_examples, settings)
+    batches = training_batches(tokenizer, train_examples, settings)
     base_loss = response_loss(base.to(settings.device), tokenizer, eval_examples, settings.max_length)
     log(f"  base model eval loss {base_loss:.3f}")
     results = []

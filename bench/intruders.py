@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import random
 import shlex
 import statistics
 import sys
@@ -34,6 +33,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import families as families_bench  # noqa: E402  (the shared training batches)
 import train_step as step_bench  # noqa: E402  (the shared step and environment)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -80,22 +80,6 @@ class MethodResult:
     mean_effective_rank: float
     mean_relative_norm: float
     per_layer: dict[str, list[int]] = field(default_factory=dict)
-
-
-def _batches(tokenizer, examples, settings: Settings) -> list[dict[str, torch.Tensor]]:
-    from lorakit.data import DataCollator, encode
-
-    collate = DataCollator.from_tokenizer(tokenizer)
-    encoded = [encode(tokenizer, example, settings.max_length) for example in examples]
-    order = list(range(len(encoded)))
-    random.Random(settings.seed).shuffle(order)
-    batches = []
-    while len(batches) < settings.steps:
-        for start in range(0, len(order) - settings.batch_size + 1, settings.batch_size):
-            batches.append(collate([encoded[i] for i in order[start:start + settings.batch_size]]))
-            if len(batches) == settings.steps:
-                break
-    return batches
 
 
 def _target_paths(model: nn.Module, layers: tuple[int, ...]) -> list[str]:
@@ -175,7 +159,7 @@ def measure(settings: Settings, log=print) -> tuple[float, list[MethodResult], i
 
     base, tokenizer = lorakit.models.load()
     train_records, eval_records = default_task(seed=settings.seed)
-    batches = _batches(tokenizer, [to_example(r) for r in train_records], settings)
+    batches = families_bench.training_batches(tokenizer, [to_example(r) for r in train_records], settings)
     eval_examples = [to_example(r) for r in eval_records][: settings.eval_examples]
     base_loss = response_loss(base.to(settings.device), tokenizer, eval_examples, settings.max_length)
     matrices = len(_target_paths(base, settings.layers))

@@ -1,9 +1,10 @@
-"""`lorakit <verb>`: train, eval, generate, export.
+"""`lorakit <verb>`: train, eval, generate, export, merge, analyze, prune, quantize.
 
 Every `TrainConfig` field is a flag (`--max-steps 60`), every adapter config field too
 (`--r 8 --use-dora`); a YAML file (`--config run.yaml`) supplies the rest, flags win.
 `lorakit export DIR --to lora --rank R [--for vllm] --out OUT` writes any adapter as a standard
-LoRA adapter (see `lorakit.export`).
+LoRA adapter (`lorakit.export`); `merge`, `analyze`, `prune` and `quantize` run the tools of
+`lorakit.merge`, `lorakit.analysis`, `lorakit.prune` and `lorakit.quant` (`lorakit VERB --help`).
 """
 
 from __future__ import annotations
