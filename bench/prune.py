@@ -35,7 +35,7 @@ from lorakit.data import IGNORE_INDEX
 from lorakit.prune import perplexity
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-GSM8K = Path("/work/shared/data/gsm8k")
+GSM8K = REPO_ROOT.parent / "shared" / "data" / "gsm8k"  # ../shared/data, read-only
 MIB = 2**20
 
 

@@ -28,7 +28,7 @@ import lorakit
 from lorakit.data import load_records
 from lorakit.quant import calibration_batches, perplexity
 
-DATA = Path("/work/shared/data/gsm8k")
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"  # ../shared/data, read-only
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import itertools
 import math
 import os
-import uuid
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,7 +44,7 @@ from lorakit.analysis.spectral import (
 )
 from lorakit.core.config import require_in_range, require_positive
 from lorakit.core.errors import ConfigError
-from lorakit.core.io import CONFIG_NAME, atomic_write_bytes, atomic_write_json
+from lorakit.core.io import CONFIG_NAME, atomic_write_bytes, atomic_write_json, staged_folder
 from lorakit.core.layer import weight_out_in
 from lorakit.core.linalg import truncated_svd
 
@@ -409,26 +408,9 @@ def plot_spectra(report: AnalysisReport, path: Path) -> None:
 def write_report(report: AnalysisReport, out_dir: str | os.PathLike) -> Path:
     """Write report.txt, analysis.json and spectra.png into `out_dir` atomically (see the module docstring)."""
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output {str(out)!r} is a file; pass a folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = out.parent / f".{out.name}.analyze-{uuid.uuid4().hex[:8]}"
-    stage.mkdir()
-    try:
+    with staged_folder(out, "analyze", (PLOT_NAME, REPORT_NAME, JSON_NAME)) as stage:
         report.out_dir = out
         atomic_write_bytes(stage / REPORT_NAME, (format_report(report) + "\n").encode())
         atomic_write_json(stage / JSON_NAME, report.to_dict())
         plot_spectra(report, stage / PLOT_NAME)
-        if not out.exists() or not any(out.iterdir()):
-            if out.exists():
-                out.rmdir()
-            os.replace(stage, out)
-            return out
-        for file_name in (PLOT_NAME, REPORT_NAME, JSON_NAME):
-            os.replace(stage / file_name, out / file_name)
-    finally:
-        if stage.exists():
-            for leftover in stage.iterdir():
-                leftover.unlink()
-            stage.rmdir()
     return out

@@ -8,11 +8,14 @@ leaves a partly loaded adapter behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
+import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -43,6 +46,31 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def staged_folder(out: Path, tag: str, files: Sequence[str]) -> Iterator[Path]:
+    """A staging folder next to `out` to write `files` into. When the block succeeds they are moved
+    into place: one folder rename when `out` is new or empty, else file by file in the order given
+    (put the file readers look for first, the config, last). The staging folder is removed either way."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output {str(out)!r} is a file; pass a folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = out.parent / f".{out.name}.{tag}-{uuid.uuid4().hex[:8]}"
+    stage.mkdir()
+    try:
+        yield stage
+        if not out.exists() or not any(out.iterdir()):
+            if out.exists():
+                out.rmdir()
+            os.replace(stage, out)
+        else:
+            for name in files:
+                os.replace(stage / name, out / name)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage)
 
 
 def atomic_write_json(path: Path, data: Any) -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -41,7 +40,7 @@ from lorakit.core.inject import (
     inject,
     requires_grad_flags,
 )
-from lorakit.core.io import CONFIG_NAME, WEIGHTS_NAME, load_adapter, read_adapter_config, save_adapter
+from lorakit.core.io import CONFIG_NAME, WEIGHTS_NAME, load_adapter, read_adapter_config, save_adapter, staged_folder
 from lorakit.core.layer import AdaptedLinear, weight_out_in
 from lorakit.core.registry import weight_initialiser
 from lorakit.export import vllm
@@ -281,21 +280,8 @@ def _write_lora(model: nn.Module, config: AdapterConfig, originals: dict[str, to
 def _publish(model: nn.Module, out: Path, for_vllm: bool) -> None:
     """Save `_TARGET` into a staging folder next to `out`, check it, then move it into place: a
     whole-folder rename when `out` is new or empty, else file by file (weights first, config last)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = out.parent / f".{out.name}.export-{uuid.uuid4().hex[:8]}"
-    stage.mkdir()
-    try:
+    with staged_folder(out, "export", (WEIGHTS_NAME, CONFIG_NAME)) as stage:
         save_adapter(model, stage, name=_TARGET)
         problems = vllm.folder_problems(stage) if for_vllm else []
         if problems:  # the steps above never produce these; a guard against future edits
             raise ConfigError(f"the export would not load in vLLM: {'; '.join(problems)}")
-        if not out.exists() or not any(out.iterdir()):
-            os.replace(stage, out)
-            return
-        for file_name in (WEIGHTS_NAME, CONFIG_NAME):
-            os.replace(stage / file_name, out / file_name)
-    finally:
-        if stage.exists():
-            for leftover in stage.iterdir():
-                leftover.unlink()
-            stage.rmdir()

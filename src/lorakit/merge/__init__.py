@@ -47,8 +47,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,6 +66,7 @@ from lorakit.core.io import (
     atomic_write_json,
     read_adapter_config,
     read_adapter_tensors,
+    staged_folder,
 )
 from lorakit.export.svd import relative_error
 from lorakit.merge import baselines
@@ -415,23 +414,10 @@ def _output_config(inputs: list[_Input], layers: dict[str, dict[str, Any]], dora
 def _publish(out: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any], report: MergeReport) -> None:
     """Write the adapter and the report into a staging folder next to `out`, then move them into
     place: a whole-folder rename when `out` is new or empty, else file by file (config last)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = out.parent / f".{out.name}.merge-{uuid.uuid4().hex[:8]}"
-    stage.mkdir()
-    try:
+    with staged_folder(out, "merge", (WEIGHTS_NAME, REPORT_NAME, CONFIG_NAME)) as stage:
         extras = config.pop(EXTRAS_KEY, {})
         extras["merge"] = {"method": report.method, "report": REPORT_NAME}
         atomic_save_safetensors(stage / WEIGHTS_NAME, tensors,
                                 metadata={"format": "pt", EXTRAS_KEY: json.dumps(extras, sort_keys=True)})
         atomic_write_json(stage / REPORT_NAME, report.to_dict())
         atomic_write_json(stage / CONFIG_NAME, config)
-        if not out.exists() or not any(out.iterdir()):
-            if out.exists():
-                out.rmdir()
-            os.replace(stage, out)
-            return
-        for name in (WEIGHTS_NAME, REPORT_NAME, CONFIG_NAME):
-            os.replace(stage / name, out / name)
-    finally:
-        if stage.exists():
-            shutil.rmtree(stage)
