@@ -35,7 +35,9 @@ class RankPolicy(TrainerCallback):
         return config
 
     def final_ranks(self, model: nn.Module) -> dict[str, int]:
-        raise NotImplementedError
+        """{module path: rank} after training; every policy defines it (the table and the saved
+        rank_pattern come from it)."""
+        raise NotImplementedError(f"{type(self).__name__} must define final_ranks")
 
     def rank_table(self, model: nn.Module, adapter_name: str = "default") -> str:
         from lorakit.rank.budget import format_rank_table
