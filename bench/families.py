@@ -64,7 +64,7 @@ class Family:
 
 
 # Methods that only train with a rank policy driving them (AdaLoRA's allocator): `bench/rank.py`.
-NEEDS_RANK_POLICY = {"adalora"}
+NEEDS_RANK_POLICY = {"adalora", "increlora"}
 
 
 def default_families() -> list[Family]:

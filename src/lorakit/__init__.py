@@ -42,6 +42,7 @@ from lorakit.methods import (
     RandLoraConfig,
     VeraConfig,
 )
+from lorakit.methods import IncreLoraConfig
 from lorakit.optim import LISA
 from lorakit.prune import prune
 from lorakit.quant import quantize
@@ -56,3 +57,4 @@ __all__ = [
     "merge", "merge_adapters", "prune", "quantize", "rank", "registered_methods", "save_adapter", "set_active",
     "trainable_parameters", "unload", "unmerge",
 ]
+__all__ += ["IncreLoraConfig"]

@@ -49,6 +49,10 @@ def adalora_count(config, in_features: int, out_features: int) -> int:
     return config.init_r * (in_features + out_features + 1)  # P, Q and the singular values
 
 
+def increlora_count(config, in_features: int, out_features: int) -> int:
+    return config.init_r * (in_features + out_features + 1)  # a, e, b per component
+
+
 def nola_count(config, in_features: int, out_features: int) -> int:
     return config.num_basis_a + config.num_basis_b  # independent of r, in and out
 
@@ -101,6 +105,8 @@ CASES: dict[str, Case] = {
     "lamda-svd": Case("lamda", lambda t: lorakit.LamdaConfig(r=4, alpha=8, init="svd", target_modules=t), lamda_count),
     "adalora": Case("adalora", lambda t: lorakit.AdaLoraConfig(init_r=6, target_r=4, alpha=8, target_modules=t), adalora_count),
     "adalora-dropout-pattern": Case("adalora", lambda t: lorakit.AdaLoraConfig(init_r=5, target_r=3, alpha=4, dropout=0.1, rank_pattern={f"model.layers.{n}.self_attn.q_proj.lora_E": [True, False, True, False, False] for n in (0, 1)}, target_modules=t), lambda c, i, o: 2 * (i + o + 1) if i == o else adalora_count(c, i, o)),  # q_proj (the square targets) keep 2 of 5 triplets
+    "increlora": Case("increlora", lambda t: lorakit.IncreLoraConfig(init_r=2, target_r=4, alpha=8, target_modules=t), increlora_count),
+    "increlora-dropout-pattern": Case("increlora", lambda t: lorakit.IncreLoraConfig(init_r=1, target_r=2, alpha=16, dropout=0.1, rank_pattern={f"model.layers.{n}.self_attn.q_proj": 3 for n in (0, 1)}, target_modules=t), lambda c, i, o: 3 * (i + o + 1) if i == o else increlora_count(c, i, o)),  # q_proj (the square targets) at rank 3
     "nola": Case("nola", lambda t: lorakit.NolaConfig(r=4, alpha=8, num_basis_a=16, num_basis_b=12, target_modules=t), nola_count),
     "nola-chunked-dropout": Case("nola", lambda t: lorakit.NolaConfig(r=3, num_basis_a=10, num_basis_b=7, basis_chunk_size=3, dropout=0.1, basis_seed=5, target_modules=t), nola_count),
     "nola-paper": Case("nola", lambda t: lorakit.NolaConfig(r=4, num_basis_a=16, num_basis_b=16, variant="paper", target_modules=t), nola_count, identity_at_init=False),

@@ -3,6 +3,7 @@
 from lorakit.methods.adalora import AdaLoraAdapter, AdaLoraConfig
 from lorakit.methods.block_lora import BlockLoraAdapter, BlockLoraConfig
 from lorakit.methods.bone import BoneAdapter, BoneConfig
+from lorakit.methods.increlora import IncreLoraAdapter, IncreLoraConfig
 from lorakit.methods.kron import KronAdapter, KronConfig
 from lorakit.methods.lamda import LamdaAdapter, LamdaConfig
 from lorakit.methods.loldu import LolduAdapter, LolduConfig
@@ -18,3 +19,4 @@ __all__ = [
     "NolaAdapter", "NolaConfig", "RandLoraAdapter", "RandLoraConfig", "VeraAdapter", "VeraConfig",
 ]
 __all__ += ["AdaLoraAdapter", "AdaLoraConfig"]
+__all__ += ["IncreLoraAdapter", "IncreLoraConfig"]

@@ -1,7 +1,9 @@
 """What a rank policy is, and the registry `lorakit train --rank-policy NAME` reads.
 
-A rank policy is a `transformers.TrainerCallback` with two extra, loop-agnostic entry points:
+A rank policy is a `transformers.TrainerCallback` with three extra, loop-agnostic entry points:
 
+- `hold_out(examples, collate, batch_size, seed) -> examples`: runs once on the encoded training
+  examples; returns those the run trains on (DiffoRA keeps some for its gate steps).
 - `prepare_config(model, config) -> config`: runs once on the base model before `inject`
   (LaMDA++ writes its per-module ranks into the config here; most policies return it unchanged).
 - `final_ranks(model) -> {module path: rank}`: the ranks at the end, for the printed table and
@@ -33,6 +35,11 @@ class RankPolicy(TrainerCallback):
 
     def prepare_config(self, model: nn.Module, config: AdapterConfig) -> AdapterConfig:
         return config
+
+    def hold_out(self, examples: list, collate, batch_size: int, seed: int = 0) -> list:
+        """The training examples the run trains on; a policy that needs held-out batches of its own
+        (DiffoRA's gate steps) keeps some here and returns the rest. Default: all of them."""
+        return examples
 
     def final_ranks(self, model: nn.Module) -> dict[str, int]:
         """{module path: rank} after training; every policy defines it (the table and the saved

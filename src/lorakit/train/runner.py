@@ -200,6 +200,9 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, mode
 
     encoded = [encode(tokenizer, example, config.max_length) for example in train_examples]
     collate = DataCollator.from_tokenizer(tokenizer)
+    policy = build_rank_policy(config.rank_policy, config.rank_policy_options) if config.rank_policy else None
+    if policy is not None:  # DiffoRA's gate steps use held-out training batches
+        encoded = policy.hold_out(encoded, collate, config.batch_size, seed=config.seed)
     set_seed(config.seed)  # the adapter's random init must not depend on how much evaluation drew
     adapter_config = config.adapter_config()
     init_data = None
@@ -208,7 +211,6 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, mode
         init_data = init_batches(encoded, collate, config, args.device)
         adapter_config.init_options = {**run_init_options(from_data.options, config), **adapter_config.init_options}
         adapter_config.validate()
-    policy = build_rank_policy(config.rank_policy, config.rank_policy_options) if config.rank_policy else None
     if policy is not None:  # a policy may set per-module ranks before inject (LaMDA++)
         adapter_config = policy.prepare_config(model, adapter_config)
     inject(model, adapter_config, ADAPTER_NAME, data=init_data, progress=progress)
