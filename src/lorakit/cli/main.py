@@ -1,10 +1,11 @@
-"""`lorakit <verb>`: train, eval, generate, export, merge, analyze, prune, quantize.
+"""`lorakit <verb>`: train, eval, generate, export, merge, analyze, prune, quantize, serve.
 
 Every `TrainConfig` field is a flag (`--max-steps 60`), every adapter config field too
 (`--r 8 --use-dora`); a YAML file (`--config run.yaml`) supplies the rest, flags win.
 `lorakit export DIR --to lora --rank R [--for vllm] --out OUT` writes any adapter as a standard
 LoRA adapter (`lorakit.export`); `merge`, `analyze`, `prune` and `quantize` run the tools of
-`lorakit.merge`, `lorakit.analysis`, `lorakit.prune` and `lorakit.quant` (`lorakit VERB --help`).
+`lorakit.merge`, `lorakit.analysis`, `lorakit.prune` and `lorakit.quant` (`lorakit VERB --help`);
+`lorakit serve --adapters DIR` serves every adapter under DIR over an OpenAI-compatible HTTP API.
 """
 
 from __future__ import annotations
@@ -219,6 +220,29 @@ def _quantize_parser(sub) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _serve_parser(sub) -> None:
+    parser = sub.add_parser(
+        "serve", help="serve a base model and every adapter under a folder over an OpenAI-compatible HTTP API (S-LoRA batching)",
+        description="POST /v1/completions and /v1/chat/completions (the 'model' field names an adapter: a sub-folder of "
+        "--adapters, or the base model's name; 'stream': true for server-sent events), GET /v1/models, "
+        "POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's bodies), GET /health, GET /metrics (Prometheus). "
+        "Requests with different adapters share each batch (lorakit.serve).")
+    parser.add_argument("--model", help="base model (default: the embedded default)")
+    parser.add_argument("--adapters", type=Path, metavar="DIR", help="adapter root: every sub-folder holding adapter_config.json "
+                        "is served under its folder name; load_lora_adapter paths must lie inside it")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 for every interface)")
+    parser.add_argument("--port", type=int, default=8000, help="(default: 8000)")
+    parser.add_argument("--served-model-name", help="the base model's name in requests and /v1/models (default: --model, or the embedded model's Hub id)")
+    parser.add_argument("--max-batch-size", type=int, default=16, help="most requests decoded together (default: 16)")
+    parser.add_argument("--max-adapters-per-step", type=int, default=8, help="most distinct adapters in one batch (default: 8)")
+    parser.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond which the server answers 429 (default: 256)")
+    parser.add_argument("--host-cache-mb", type=float, default=2048, help="host-memory LRU cache of adapter weights, MiB (default: 2048)")
+    parser.add_argument("--device-budget-mb", type=float, help="unified device pool for the KV cache and resident adapters, MiB (default: 2048)")
+    parser.add_argument("--mode", choices=["segment", "bmm"], default="segment", help="batched-LoRA evaluation (default: segment)")
+    parser.add_argument("--device", help="where the model runs (default: cuda if available, else cpu)")
+    parser.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds running requests get to finish on Ctrl-C / SIGTERM (default: 30)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorakit", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"lorakit {lorakit.__version__}")
@@ -231,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     _analyze_parser(sub)
     _prune_parser(sub)
     _quantize_parser(sub)
+    _serve_parser(sub)
     return parser
 
 
@@ -386,6 +411,27 @@ def run_quantize(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}: quantized_model.safetensors, quantize_config.json, quant_report.json")
 
 
+def run_serve(args: argparse.Namespace) -> None:
+    import torch
+
+    from lorakit.serve.engine import Engine
+    from lorakit.serve.server import serve
+    from lorakit.serve.store import AdapterStore
+
+    if args.adapters is not None and not args.adapters.is_dir():
+        raise LorakitError(f"--adapters {args.adapters} is not a folder; pass the folder whose sub-folders hold the adapters")
+    model, tokenizer = lorakit.models.load(args.model)
+    model.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    name = args.served_model_name or args.model or lorakit.models.DEFAULT_MODEL_HUB_ID
+    store = AdapterStore(args.adapters, host_budget_bytes=int(args.host_cache_mb * 2**20), base_model=model)
+    budget = None if args.device_budget_mb is None else int(args.device_budget_mb * 2**20)
+    engine = Engine(model, tokenizer, store, max_batch_size=args.max_batch_size, max_adapters_per_step=args.max_adapters_per_step,
+                    max_queue=args.max_queue, device_budget_bytes=budget, mode=args.mode, model_name=name)
+    print(f"lorakit serve: {name} with {len(store.names())} adapter(s) from {args.adapters} on http://{args.host}:{args.port}/v1",
+          file=sys.stderr)
+    serve(engine, args.host, args.port, shutdown_timeout=args.shutdown_timeout)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -408,6 +454,8 @@ def main(argv: list[str] | None = None) -> int:
             run_prune(args)
         elif args.verb == "quantize":
             run_quantize(args)
+        elif args.verb == "serve":
+            run_serve(args)
     except (LorakitError, ValueError, FileNotFoundError) as err:
         print(f"lorakit {args.verb}: error: {err}", file=sys.stderr)
         return 2
