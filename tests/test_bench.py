@@ -121,3 +121,135 @@ def test_families_bench_trains_each_family_on_the_default_task_and_reports_ratio
 def test_families_bench_rejects_unknown_method_names(families_bench):
     with pytest.raises(SystemExit, match="unknown methods"):
         families_bench.select_families("lora,nonsense")
+
+
+SERVE_FILE = BENCH_FILE.parent / "serve.py"
+
+
+@pytest.fixture(scope="module")
+def serve_bench():
+    spec = importlib.util.spec_from_file_location("bench_serve", SERVE_FILE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def test_serve_workload_is_s_loras_generator_with_real_prompts(serve_bench):
+    import numpy as np
+
+    settings = serve_bench.Settings(requests=4000, rate=20.0, cv=2.0, alpha=0.5, prompt_range=(5, 12),
+                                    output_range=(3, 7))
+    questions = [[1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    requests = serve_bench.make_workload(10, settings, questions)
+    arrivals = np.array([r.arrival_s for r in requests])
+    assert np.all(np.diff(arrivals) >= 0)
+    gaps = np.diff(np.concatenate([[0.0], arrivals]))
+    assert gaps.mean() == pytest.approx(1 / 20.0, rel=0.1)  # Gamma(1/cv^2, cv^2/rate): mean 1/rate, cv 2
+    assert gaps.std() / gaps.mean() == pytest.approx(2.0, rel=0.15)
+    adapters = np.array([r.adapter for r in requests])
+    assert adapters.min() == 0 and adapters.max() == 9
+    # power(0.5): P(u < x) = sqrt(x), so adapters 0..2 (u < 0.3) take ~55% of the traffic, not 30%
+    assert np.mean(adapters < 3) == pytest.approx(np.sqrt(0.3), abs=0.03)
+    assert all(5 <= len(r.prompt) < 12 and 3 <= r.max_tokens < 7 for r in requests)
+    stream = [t for i in range(6) for t in questions[(1 + i) % 3]]
+    assert requests[1].prompt == tuple(stream[:len(requests[1].prompt)])  # question 1 onwards, truncated
+    other = serve_bench.make_workload(64, settings, questions)  # only the adapter indices depend on n
+    assert [(r.arrival_s, r.prompt, r.max_tokens) for r in other] == [(r.arrival_s, r.prompt, r.max_tokens)
+                                                                       for r in requests]
+    assert [r.adapter for r in other] != [r.adapter for r in requests]
+
+
+def test_serve_bench_runs_every_system_on_tiny_model_and_outputs_agree(serve_bench, tiny_model_folder, tmp_path):
+    import lorakit
+
+    model, tokenizer = lorakit.models.load(str(tiny_model_folder))
+    settings = serve_bench.Settings(adapter_counts=(2,), requests=4, rate=1000.0, prompt_range=(4, 9),
+                                    output_range=(2, 5), max_batch_size=4, registered=3, check_requests=6, warmup=1,
+                                    delta_scale=4.0)
+    specs = serve_bench.adapter_specs(3, settings)
+    linears = serve_bench.target_linears(model)
+    sizes = [sum(4 * s.rank * sum(m.weight.shape) for path, m in linears.items()
+                 if path.rsplit(".", 1)[-1] in serve_bench.TARGET_SETS[s.targets]) for s in specs]
+    settings.check_budget_mib = max(sizes) / serve_bench.MIB  # room for the largest adapter, never for two
+    questions = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("Natalia sold clips.\n", "Add 2 and 3.\n")]
+    result = serve_bench.measure(model, tokenizer, settings, tmp_path / "adapters", questions)
+
+    assert sorted((tmp_path / "adapters").iterdir())[0].joinpath("adapter_config.json").is_file()
+    requests = serve_bench.make_workload(2, settings, questions)
+    for system in serve_bench.SYSTEMS:
+        run = result.run(system, 2)
+        assert [len(o) for o in run.outputs] == [r.max_tokens for r in requests]  # EOS never stops anyone
+        assert run.tokens_per_s > 0 and run.p90_latency_s >= 0
+    for system in ("lorakit", "peft-mixed", "merge-swap"):
+        assert result.run(system, 2).matches == (4, 4), system  # token for token = PEFT single requests
+    assert result.run("lorakit", 2).outputs != result.run("base-engine", 2).outputs  # the adapters act
+    assert result.run("base-hf", 2).outputs == result.run("base-engine", 2).outputs
+    check = result.memory_check
+    assert check["registered"] == 3 and check["passed"] and check["max_host_bytes"] <= check["budget_bytes"]
+    assert check["evictions"] > 0  # the budget really bounded the cache
+
+    text = serve_bench.format_markdown(result, {"device": "cpu"}, "python bench/serve.py --quick", "serve.png")
+    assert "python bench/serve.py --quick" in text and "| lorakit engine | 2 |" in text and "serve.png" in text
+    serve_bench.plot(result, tmp_path / "serve.png")
+    assert (tmp_path / "serve.png").stat().st_size > 0
+
+
+def test_serve_quick_flag_and_explicit_options(serve_bench):
+    quick = serve_bench.settings_from_args(serve_bench.parse_args(["--quick", "--device", "cpu", "--requests", "8"]))
+    assert quick.adapter_counts == (1, 8, 64) and quick.requests == 8
+    full = serve_bench.settings_from_args(serve_bench.parse_args(["--device", "cpu", "--systems", "lorakit,peft-mixed"]))
+    assert full.adapter_counts == (1, 8, 64, 512) and full.registered == 1000 and full.systems == ("lorakit", "peft-mixed")
+    with pytest.raises(ValueError, match="unknown"):
+        serve_bench.Settings(systems=("nonsense",)).validate()
+
+
+RANK_FILE = BENCH_FILE.parent / "rank.py"
+
+
+@pytest.fixture(scope="module")
+def rank_bench():
+    spec = importlib.util.spec_from_file_location("bench_rank", RANK_FILE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+@pytest.mark.parametrize("steps", [40, 300])
+def test_rank_bench_gives_every_policy_the_same_total_rank(rank_bench, steps):
+    from lorakit.train import TrainConfig
+
+    settings = rank_bench.Settings(steps=steps, rank=4)
+    modules = 210
+    for policy in rank_bench.POLICIES:
+        recipe = rank_bench.policy_recipe(policy, settings, modules)
+        config = TrainConfig(max_steps=steps, **recipe)
+        config.validate()
+        adapter = config.adapter_config()
+        if policy == "diffora":
+            kept = math.ceil(recipe["rank_policy_options"]["ratio"] * modules)
+            assert kept * adapter.r == settings.rank * modules
+        elif policy in ("adalora", "increlora"):
+            assert adapter.target_r == settings.rank
+        else:
+            assert adapter.r == settings.rank
+        if policy == "increlora":  # the rounds inside the run can reach the budget
+            rounds = len(range(adapter.init_warmup + 1, steps, adapter.incre_interval)) - 1
+            assert rounds * adapter.top_h * adapter.incre_rank_num >= (settings.rank - adapter.init_r) * modules
+
+
+def test_rank_bench_reads_per_module_ranks_from_saved_adapters(rank_bench, tmp_path):
+    import lorakit
+
+    model = tiny_llama()
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
+                                             rank_pattern={"model.layers.1.self_attn.q_proj": 5}))
+    lorakit.save_adapter(model, tmp_path / "lora")
+    ranks = rank_bench.ranks_in_file(tmp_path / "lora")
+    assert ranks["model.layers.1.self_attn.q_proj"] == 5
+    assert ranks["model.layers.0.self_attn.v_proj"] == 2 and len(ranks) == 4
+    grid = rank_bench.heat_grid(ranks)
+    assert grid[1][rank_bench.MODULE_TYPES.index("q_proj")] == 5 and grid[0][rank_bench.MODULE_TYPES.index("k_proj")] == 0
