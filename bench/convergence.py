@@ -495,14 +495,8 @@ def format_markdown(summaries: list[Summary], base: dict[str, float], data: Data
                     env: dict[str, str], command: str, missing: dict[str, str], png_name: str) -> str:
     s = settings
     lines = [
-        "# Convergence on GSM8K: initialisers, optimisers, LISA and adapter families against LoRA",
-        "",
-        "Produced by:",
-        "",
-        "```",
-        command,
-        "```",
-        "",
+        *step_bench.results_head(
+            "# Convergence on GSM8K: initialisers, optimisers, LISA and adapter families against LoRA", command),
         f"Default model fine-tuned on GSM8K train ({len(data.train)} examples that fit in {s.max_length} tokens used; "
         f"{data.dropped_train} longer ones skipped), {s.steps} steps, batch {s.batch_size}, {s.warmup_steps} warm-up "
         f"steps then cosine decay, no weight decay, identical batches for every method per seed; seeds "

@@ -283,14 +283,8 @@ def format_markdown(base_loss: float, results: list[FamilyResult], settings: Set
                     command: str) -> str:
     s = settings
     lines = [
-        "# Adapter families against LoRA r=16: parameters, step time, step memory, eval loss",
-        "",
-        "Produced by:",
-        "",
-        "```",
-        command,
-        "```",
-        "",
+        *step_bench.results_head(
+            "# Adapter families against LoRA r=16: parameters, step time, step memory, eval loss", command),
         f"Default model, built-in default task; {s.steps} AdamW steps (no weight decay, {s.warmup_steps} warm-up "
         f"steps then cosine decay), batch {s.batch_size}, max length {s.max_length}, identical batches for every "
         f"family (seed {s.seed}); eval loss = cross-entropy per response token on {s.eval_examples} held-out "

@@ -336,14 +336,8 @@ def format_markdown(results: list[Result], settings: Settings, env: dict[str, st
                     missing: list[str], n_layers: int) -> str:
     s = settings
     lines = [
-        "# Initialisation time: lorakit against PEFT (target: lorakit / PEFT <= 0.5 at equal quality)",
-        "",
-        "Produced by:",
-        "",
-        "```",
-        command,
-        "```",
-        "",
+        *step_bench.results_head(
+            "# Initialisation time: lorakit against PEFT (target: lorakit / PEFT <= 0.5 at equal quality)", command),
         f"Default model, LoRA r={s.r}, alpha={s.alpha:g} on q,k,v,o,gate,up,down of every block; median of "
         f"{s.rounds} round(s), frameworks alternating. Data-driven inits get {s.batches} GSM8K train batches of "
         f"{s.batch_size} (max length {s.max_length}). Quality on {n_layers} layers (first, middle and last block).",

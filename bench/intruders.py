@@ -201,7 +201,7 @@ def ordering_verdict(results: list[MethodResult]) -> str:
 
 def format_markdown(base_loss, results, settings: Settings, matrices: int, env: dict[str, str], command: str,
                     wall_seconds: float) -> str:
-    lines = ["# Intruder dimensions: LoRA vs rsLoRA vs full fine-tuning", "", "Produced by:", "", "```", command, "```", "",
+    lines = [*step_bench.results_head("# Intruder dimensions: LoRA vs rsLoRA vs full fine-tuning", command),
              f"Default model, built-in default task; every Linear of decoder layers {list(settings.layers)} "
              f"({matrices} matrices) trained by each method for {settings.steps} AdamW steps (no weight decay, "
              f"{settings.warmup_steps} warm-up steps then cosine decay), batch {settings.batch_size}, max length "

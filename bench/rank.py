@@ -197,8 +197,8 @@ def plot(results: list[Result], path: Path) -> None:
 def format_markdown(results: list[Result], settings: Settings, env: dict[str, str], command: str, wall: float,
                     png_name: str) -> str:
     lines = [
-        "# Adaptive rank allocation: the same total rank, allocated by each policy",
-        "", "Produced by:", "", "```", command, "```", "",
+        *step_bench.results_head(
+            "# Adaptive rank allocation: the same total rank, allocated by each policy", command),
         f"Default model, SST-2 (train.tsv: {settings.train_examples} reviews; dev.tsv: first "
         f"{settings.eval_examples} held out), {settings.steps} steps x batch {settings.batch_size}, lr {settings.lr} "
         f"(linear schedule, 10% warm-up), every linear layer of every decoder block, average rank "

@@ -682,14 +682,8 @@ def describe(result: BenchResult) -> str:
 
 def format_markdown(result: BenchResult, env: dict[str, str], command: str, png_name: str) -> str:
     lines = [
-        "# Serving many LoRA adapters: lorakit engine vs PEFT (S-LoRA's workload, scaled down)",
-        "",
-        "Produced by:",
-        "",
-        "```",
-        command,
-        "```",
-        "",
+        *step_bench.results_head(
+            "# Serving many LoRA adapters: lorakit engine vs PEFT (S-LoRA's workload, scaled down)", command),
         describe(result) + ".",
         "",
         *[f"- {key}: {value}" for key, value in env.items()],

@@ -275,6 +275,11 @@ def measure(model_factory: Callable[[], nn.Module], settings: Settings,
 
 
 # --- reporting ---------------------------------------------------------------------------------
+def results_head(title: str, command: str) -> list[str]:
+    """The opening lines of every bench/results/*.md: the title and the command that produced it."""
+    return [title, "", "Produced by:", "", "```", command, "```", ""]
+
+
 def environment(settings: Settings) -> dict[str, str]:
     import peft
     import transformers
@@ -425,14 +430,7 @@ def format_text(result: BenchResult, env: dict[str, str]) -> str:
 def format_markdown(result: BenchResult, env: dict[str, str], command: str) -> str:
     header, rows = _header(result), _rows(result)
     lines = [
-        "# One LoRA training step: lorakit vs PEFT",
-        "",
-        "Produced by:",
-        "",
-        "```",
-        command,
-        "```",
-        "",
+        *results_head("# One LoRA training step: lorakit vs PEFT", command),
         describe(result) + ".",
         "",
         *[f"- {key}: {value}" for key, value in env.items()],

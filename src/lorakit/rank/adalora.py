@@ -54,7 +54,7 @@ from torch import nn
 from lorakit.core.errors import ConfigError
 from lorakit.core.inject import adapted_layers, adapter_configs
 from lorakit.methods.adalora import AdaLoraAdapter, AdaLoraConfig
-from lorakit.rank.budget import RankBudget, replace_parameters
+from lorakit.rank.budget import RankBudget, add_to_training_loss, orthogonality_penalty, replace_parameters
 from lorakit.rank.policy import RankPolicy, register_rank_policy
 
 
@@ -139,19 +139,10 @@ class AdaLoraAllocator(RankPolicy):
     # --- the regulariser ----------------------------------------------------------------------
     def orthogonal_regularizer(self) -> torch.Tensor:
         """mean over every Q and P of ||Q Q^T - I||_F, ||P^T P - I||_F (not yet weighted)."""
-        total, count = 0.0, 0
-        for adapter in self.adapters.values():
-            for cov in (adapter.lora_A @ adapter.lora_A.T, adapter.lora_B.T @ adapter.lora_B):
-                eye = torch.eye(*cov.shape, dtype=cov.dtype, device=cov.device)
-                total = total + torch.norm(cov - eye, p="fro")
-                count += 1
-        return total / count if count else torch.zeros(())
+        return orthogonality_penalty((adapter.lora_A, adapter.lora_B) for adapter in self.adapters.values())
 
     def _add_regulariser(self, module, args, output):
-        loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
-        if module.training and torch.is_tensor(loss) and self.config.orth_reg_weight > 0:
-            output["loss"] = loss + self.config.orth_reg_weight * self.orthogonal_regularizer().to(loss.dtype)
-        return output
+        return add_to_training_loss(module, output, self.config.orth_reg_weight, self.orthogonal_regularizer)
 
     # --- importance ---------------------------------------------------------------------------
     def _triplet_params(self, adapter: AdaLoraAdapter):

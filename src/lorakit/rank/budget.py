@@ -19,6 +19,8 @@ much rank and *when*; this module owns the bookkeeping they share:
   with fresh optimizer state and its own schedule: linear warm-up over `warmup_steps` counted from
   `step` (its creation), then linear decay to 0 at `total_steps` (IncreLoRA's "restart warmup").
   Existing groups' learning rates are untouched.
+- The SVD-form adapters' orthogonality regulariser (AdaLoRA, IncreLoRA): `orthogonality_penalty`
+  and `add_to_training_loss` (the forward-hook body that adds it to training losses only).
 
 How it hooks into torch: any `torch.optim.Optimizer` (or accelerate's wrapper around one, as
 transformers.Trainer passes to callbacks) works, since only `param_groups`, `state` and
@@ -202,3 +204,25 @@ def add_param_group(optimizer, params: list[nn.Parameter], *, scheduler=None, st
         if hasattr(sched, "_last_lr"):
             sched._last_lr = [g["lr"] for g in inner.param_groups]
     return group
+
+
+# --- the SVD-form adapters' regulariser (AdaLoRA, IncreLoRA) ------------------------------------
+
+def orthogonality_penalty(factors: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """mean over every (A, B) pair of ||A A^T - I||_F and ||B^T B - I||_F (AdaLoRA's orthogonality
+    regulariser, unweighted); A: (r, in), B: (out, r)."""
+    total, count = 0.0, 0
+    for a, b in factors:
+        for cov in (a @ a.T, b.T @ b):
+            eye = torch.eye(*cov.shape, dtype=cov.dtype, device=cov.device)
+            total = total + torch.norm(cov - eye, p="fro")
+            count += 1
+    return total / count if count else torch.zeros(())
+
+
+def add_to_training_loss(module: nn.Module, output, weight: float, term: Callable[[], torch.Tensor]):
+    """Forward-hook body: output.loss += weight * term() in training mode (evaluation losses stay pure)."""
+    loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
+    if module.training and torch.is_tensor(loss) and weight > 0:
+        output["loss"] = loss + weight * term().to(loss.dtype)
+    return output

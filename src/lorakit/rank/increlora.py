@@ -58,7 +58,9 @@ from torch import nn
 from lorakit.core.errors import ConfigError
 from lorakit.core.inject import adapted_layers, adapter_configs
 from lorakit.methods.increlora import IncreLoraAdapter, IncreLoraConfig
-from lorakit.rank.budget import RankBudget, add_param_group, remove_parameters, unwrap_scheduler
+from lorakit.rank.budget import (
+    RankBudget, add_param_group, add_to_training_loss, orthogonality_penalty, remove_parameters, unwrap_scheduler,
+)
 from lorakit.rank.policy import RankPolicy, register_rank_policy
 
 
@@ -168,20 +170,10 @@ class IncreLoraAllocator(RankPolicy):
     # --- the regulariser ---------------------------------------------------------------------------
     def orthogonal_regularizer(self) -> torch.Tensor:
         """mean over every stacked A and B of ||A A^T - I||_F, ||B^T B - I||_F (not yet weighted)."""
-        total, count = 0.0, 0
-        for adapter in self.adapters.values():
-            a, _, b = adapter.stacked()
-            for cov in (a @ a.T, b.T @ b):
-                eye = torch.eye(*cov.shape, dtype=cov.dtype, device=cov.device)
-                total = total + torch.norm(cov - eye, p="fro")
-                count += 1
-        return total / count if count else torch.zeros(())
+        return orthogonality_penalty((a, b) for a, _, b in (adapter.stacked() for adapter in self.adapters.values()))
 
     def _add_regulariser(self, module, args, output):
-        loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
-        if module.training and torch.is_tensor(loss) and self.config.orth_reg_weight > 0:
-            output["loss"] = loss + self.config.orth_reg_weight * self.orthogonal_regularizer().to(loss.dtype)
-        return output
+        return add_to_training_loss(module, output, self.config.orth_reg_weight, self.orthogonal_regularizer)
 
     # --- importance ----------------------------------------------------------------------------------
     @torch.no_grad()
