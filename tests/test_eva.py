@@ -397,3 +397,16 @@ def test_train_with_eva_init_runs_end_to_end_and_writes_a_peft_adapter(tmp_path,
     ids = torch.tensor([[1, 5, 9, 200, 3000]])
     assert_same_outputs_after_loading(lorakit.load_adapter(LlamaForCausalLM.from_pretrained(tiny_model_folder), folder),
                                       folder, lambda: LlamaForCausalLM.from_pretrained(tiny_model_folder), {"input_ids": ids})
+
+
+def test_estimation_forwards_stop_after_the_last_layer_still_collecting():
+    model = tiny_llama()
+    head_calls = []
+    model.lm_head.register_forward_hook(lambda *args: head_calls.append(1))
+    blocks = []
+    model.model.layers[1].register_forward_hook(lambda *args: blocks.append(1))
+    data = llama_batches()
+    lorakit.inject(model, eva_config(["q_proj", "v_proj"], rho=2.0, tau=0.95), data=data, progress=False)
+    assert len(head_calls) == 1  # only the first pass (which finds the shared inputs) runs to the head
+    # the last block still runs while its own q/v collect, but never to completion (its MLP comes after v_proj)
+    assert len(blocks) == 1

@@ -251,6 +251,25 @@ def _redistribute(pcas: dict[str, _LayerPCA], owners: dict[str, str], caps: dict
     return ranks
 
 
+class _StopForward(Exception):
+    pass
+
+
+def _forward_until(model: nn.Module, batch: dict, last_layer: nn.Module) -> None:
+    """Run `batch` through the model only until `last_layer` has run (its hooks included): what comes
+    after it (later blocks, the LM head and its loss, a large share of a small model) EVA never reads."""
+    def stop(module, args, output):
+        raise _StopForward
+
+    handle = last_layer.register_forward_hook(stop)
+    try:
+        model(**batch)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+
+
 @torch.no_grad()
 def estimate_eva(model: nn.Module, adapter_name: str, data: Iterable[dict], options: EvaOptions,
                  progress: bool = True) -> EvaResult:
@@ -313,6 +332,7 @@ def estimate_eva(model: nn.Module, adapter_name: str, data: Iterable[dict], opti
             pcas = {path: _LayerPCA(IncrementalPCA(caps[path]), options.tau) for path in (members[0] for members in groups.values())}
             for path, state in pcas.items():
                 handles[path] = layers[path].register_forward_hook(hook_for(path, state.update))
+            firing_order = list(fingerprints)  # the order the layers ran in, for stopping the forward early
 
             # 2. Incremental PCA until every layer's allocated components have converged.
             ranks = dict(caps)
@@ -333,7 +353,8 @@ def estimate_eva(model: nn.Module, adapter_name: str, data: Iterable[dict], opti
                     break
                 batch = _to_device(batch, device)
                 current["mask"] = _token_mask(batch, options)
-                model(**batch)
+                last = next(path for path in reversed(firing_order) if path in handles)
+                _forward_until(model, batch, layers[last])
                 batches += 1
                 if all(state.pca.components is not None for state in pcas.values()):
                     ranks = _redistribute(pcas, owners, caps, budget)
