@@ -234,7 +234,8 @@ def _serve_parser(sub) -> None:
     parser.add_argument("--port", type=int, default=8000, help="(default: 8000)")
     parser.add_argument("--served-model-name", help="the base model's name in requests and /v1/models (default: --model, or the embedded model's Hub id)")
     parser.add_argument("--max-batch-size", type=int, default=16, help="most requests decoded together (default: 16)")
-    parser.add_argument("--max-adapters-per-step", type=int, default=8, help="most distinct adapters in one batch (default: 8)")
+    parser.add_argument("--max-adapters-per-step", type=int, default=16,
+                        help="most distinct adapters in one batch (default: 16)")
     parser.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond which the server answers 429 (default: 256)")
     parser.add_argument("--host-cache-mb", type=float, default=2048, help="host-memory LRU cache of adapter weights, MiB (default: 2048)")
     parser.add_argument("--device-budget-mb", type=float, help="unified device pool for the KV cache and resident adapters, MiB (default: 2048)")

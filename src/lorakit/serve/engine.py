@@ -212,7 +212,7 @@ class Engine:
     """
 
     def __init__(self, model: nn.Module, tokenizer, store: AdapterStore, *, max_batch_size: int = 16,
-                 max_adapters_per_step: int = 8, max_queue: int = 256, device_budget_bytes: int | None = None,
+                 max_adapters_per_step: int = 16, max_queue: int = 256, device_budget_bytes: int | None = None,
                  mode: str = "segment", model_name: str = "base"):
         for name, value in (("max_batch_size", max_batch_size), ("max_adapters_per_step", max_adapters_per_step),
                             ("max_queue", max_queue)):
