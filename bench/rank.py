@@ -21,7 +21,8 @@ R x M in all:
 
 Reported per policy: exact match and response loss on the held-out reviews, trainable parameters at
 the end, seconds per step, the final rank of every module (as a heat map: decoder layer x module
-type), and the spread of ranks. Written to bench/results/rank_<device>[_quick].md and .png.
+type), and the spread of ranks. Written to bench/results/rank_<device>[_quick].md, .png and .json
+(every module's final rank).
 
     .venv/bin/python bench/rank.py --quick     # < 10 min on 2 CPU cores
     .venv/bin/python bench/rank.py             # 300 steps, 200 held-out reviews
@@ -38,7 +39,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -164,14 +165,18 @@ def write_data(settings: Settings, folder: Path) -> None:
         (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
-def heat_grid(ranks: dict[str, int]) -> list[list[float]]:
-    layers = sorted({int(m.group(1)) for path in ranks if (m := re.search(r"layers\.(\d+)\.", path))})
-    grid = [[0.0] * len(MODULE_TYPES) for _ in layers]
+def layer_of(path: str) -> int | None:
+    match = re.search(r"layers\.(\d+)\.", path)
+    return int(match.group(1)) if match else None
+
+
+def heat_grid(ranks: dict[str, int], layers: int) -> list[list[float]]:
+    """ranks as a (decoder layer x module type) grid; modules without an adapter are 0."""
+    grid = [[0.0] * len(MODULE_TYPES) for _ in range(layers)]
     for path, rank in ranks.items():
-        layer = re.search(r"layers\.(\d+)\.", path)
-        kind = path.rsplit(".", 1)[-1]
-        if layer and kind in MODULE_TYPES:
-            grid[layers.index(int(layer.group(1)))][MODULE_TYPES.index(kind)] = rank
+        layer, kind = layer_of(path), path.rsplit(".", 1)[-1]
+        if layer is not None and layer < layers and kind in MODULE_TYPES:
+            grid[layer][MODULE_TYPES.index(kind)] = rank
     return grid
 
 
@@ -184,8 +189,9 @@ def plot(results: list[Result], path: Path) -> None:
     fig, axes = plt.subplots(1, len(results), figsize=(2.2 * len(results), 6), sharey=True)
     axes = [axes] if len(results) == 1 else list(axes)
     top = max((max(r.ranks.values(), default=0) for r in results), default=1)
+    layers = 1 + max((layer_of(p) or 0 for r in results for p in r.ranks), default=0)
     for ax, result in zip(axes, results):
-        image = ax.imshow(heat_grid(result.ranks), aspect="auto", cmap="viridis", vmin=0, vmax=top, origin="lower")
+        image = ax.imshow(heat_grid(result.ranks, layers), aspect="auto", cmap="viridis", vmin=0, vmax=top, origin="lower")
         ax.set_title(f"{result.policy}\nEM {result.exact_match:.2f}", fontsize=9)
         ax.set_xticks(range(len(MODULE_TYPES)), [t.split("_")[0] for t in MODULE_TYPES], rotation=90, fontsize=7)
     axes[0].set_ylabel("decoder layer")
@@ -263,6 +269,7 @@ def main(argv=None) -> list[Result]:
     out.parent.mkdir(parents=True, exist_ok=True)
     png = out.with_suffix(".png")
     plot(results, png)
+    out.with_suffix(".json").write_text(json.dumps([asdict(r) for r in results], indent=1))
     text = format_markdown(results, settings, env, command, time.perf_counter() - started, png.name)
     out.write_text(text)
     print(text)

@@ -254,5 +254,6 @@ def test_rank_bench_reads_per_module_ranks_from_saved_adapters(rank_bench, tmp_p
     ranks = rank_bench.ranks_in_file(tmp_path / "lora")
     assert ranks["model.layers.1.self_attn.q_proj"] == 5
     assert ranks["model.layers.0.self_attn.v_proj"] == 2 and len(ranks) == 4
-    grid = rank_bench.heat_grid(ranks)
+    grid = rank_bench.heat_grid(ranks, 3)
+    assert len(grid) == 3 and grid[2] == [0.0] * len(rank_bench.MODULE_TYPES)  # a layer without adapters stays
     assert grid[1][rank_bench.MODULE_TYPES.index("q_proj")] == 5 and grid[0][rank_bench.MODULE_TYPES.index("k_proj")] == 0
