@@ -62,6 +62,7 @@ class Settings:
     batch_size: int = 8
     max_length: int = 512
     device: str = "cpu"
+    eva_tau: float = 0.99  # EVA's convergence threshold, both frameworks (PEFT's EvaConfig default)
 
 
 QUICK = dict(rounds=1, batches=2, batch_size=2, max_length=256)
@@ -73,6 +74,8 @@ def lorakit_init(init: str, **fields) -> Callable:
         import lorakit
         from lorakit.core.registry import data_initialiser
 
+        if init == "eva":
+            fields = {**fields, "init_options": {"tau": s.eva_tau, **fields.get("init_options", {})}}
         config = lorakit.LoraConfig(r=s.r, alpha=s.alpha, init=init, **fields)
         data = batches if data_initialiser(init) is not None else None
         return lorakit.inject(model, config, data=data, progress=False)
@@ -96,7 +99,7 @@ def peft_eva(**eva_config) -> Callable:
         from peft.tuners.lora.eva import initialize_lora_eva_weights
 
         config = peft.LoraConfig(r=s.r, lora_alpha=s.alpha, target_modules=TARGETS, init_lora_weights="eva",
-                                 eva_config=peft.EvaConfig(**eva_config))
+                                 eva_config=peft.EvaConfig(**{"tau": s.eva_tau, **eva_config}))
         peft_model = peft.get_peft_model(model, config, low_cpu_mem_usage=True)
         initialize_lora_eva_weights(peft_model, dataloader=batches, show_progress_bar=False)
         return peft_model
@@ -340,7 +343,8 @@ def format_markdown(results: list[Result], settings: Settings, env: dict[str, st
             "# Initialisation time: lorakit against PEFT (target: lorakit / PEFT <= 0.5 at equal quality)", command),
         f"Default model, LoRA r={s.r}, alpha={s.alpha:g} on q,k,v,o,gate,up,down of every block; median of "
         f"{s.rounds} round(s), frameworks alternating. Data-driven inits get {s.batches} GSM8K train batches of "
-        f"{s.batch_size} (max length {s.max_length}). Quality on {n_layers} layers (first, middle and last block).",
+        f"{s.batch_size} (max length {s.max_length}); EVA tau {s.eva_tau:g} in both. Quality on {n_layers} layers "
+        "(first, middle and last block).",
         "",
         *[f"- {key}: {value}" for key, value in env.items()],
         "",
@@ -370,6 +374,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--only", default=None, help="comma-separated keys: " + ", ".join(m.key for m in METHODS))
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--eva-tau", type=float, default=None,
+                        help="EVA's convergence threshold for both frameworks [0.99]; the quick run's 2 tiny batches "
+                             "may never reach 0.99")
     parser.add_argument("--quick", action="store_true", help="reduced run: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
     parser.add_argument("--out", type=Path, default=None, help="markdown (default bench/results/init_time_<device>[_quick].md)")
     return parser.parse_args(argv)
@@ -403,6 +410,8 @@ def main(argv: list[str] | None = None) -> list[Result]:
     chosen = dict(QUICK) if args.quick else {}
     if args.rounds is not None:
         chosen["rounds"] = args.rounds
+    if args.eva_tau is not None:
+        chosen["eva_tau"] = args.eva_tau
     settings = Settings(device=device, **chosen)
     methods, missing = select(args.only)
     given = sys.argv[1:] if argv is None else argv
