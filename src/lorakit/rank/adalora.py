@@ -52,7 +52,6 @@ import torch
 from torch import nn
 
 from lorakit.core.errors import ConfigError
-from lorakit.core.inject import adapted_layers, adapter_configs
 from lorakit.methods.adalora import AdaLoraAdapter, AdaLoraConfig
 from lorakit.rank.budget import RankBudget, add_to_training_loss, orthogonality_penalty, replace_parameters
 from lorakit.rank.policy import RankPolicy, register_rank_policy
@@ -98,15 +97,8 @@ class AdaLoraAllocator(RankPolicy):
     # --- set-up -----------------------------------------------------------------------------
     def attach(self, model: nn.Module, total_step: int | None = None) -> None:
         name = self.options.adapter_name
-        config = adapter_configs(model).get(name)
-        if not isinstance(config, AdaLoraConfig):
-            raise ConfigError(
-                f"the AdaLoRA allocator needs an 'adalora' adapter named {name!r}; the model has "
-                f"{ {k: v.method for k, v in adapter_configs(model).items()} or 'none'}. Inject "
-                "lorakit.AdaLoraConfig(...) first (lorakit train: --method adalora)"
-            )
+        config, self.adapters = self.required_adapter(model, name, AdaLoraConfig)
         self.config = config
-        self.adapters = {path: layer.adapters[name] for path, layer in adapted_layers(model) if name in layer.adapters}
         total = config.total_step or total_step
         if total is None:
             raise ConfigError("AdaLoRA needs the run length: set AdaLoraConfig(total_step=...) or pass total_step")

@@ -56,7 +56,6 @@ import torch
 from torch import nn
 
 from lorakit.core.errors import ConfigError
-from lorakit.core.inject import adapted_layers, adapter_configs
 from lorakit.methods.increlora import IncreLoraAdapter, IncreLoraConfig
 from lorakit.rank.budget import (
     RankBudget, add_param_group, add_to_training_loss, orthogonality_penalty, remove_parameters, unwrap_scheduler,
@@ -104,15 +103,8 @@ class IncreLoraAllocator(RankPolicy):
     # --- set-up ----------------------------------------------------------------------------------
     def attach(self, model: nn.Module, total_steps: int | None = None, warmup_steps: int | None = None) -> None:
         name = self.options.adapter_name
-        config = adapter_configs(model).get(name)
-        if not isinstance(config, IncreLoraConfig):
-            raise ConfigError(
-                f"the IncreLoRA policy needs an 'increlora' adapter named {name!r}; the model has "
-                f"{ {k: v.method for k, v in adapter_configs(model).items()} or 'none'}. Inject "
-                "lorakit.IncreLoraConfig(...) first (lorakit train: --method increlora)"
-            )
+        config, self.adapters = self.required_adapter(model, name, IncreLoraConfig)
         self.config = config
-        self.adapters = {path: layer.adapters[name] for path, layer in adapted_layers(model) if name in layer.adapters}
         if any(a.reserved for a in self.adapters.values()):
             raise ConfigError("the IncreLoRA adapter already has reserved components: attach a policy once, to a fresh "
                               "adapter")

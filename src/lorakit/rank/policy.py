@@ -26,7 +26,7 @@ from transformers import TrainerCallback
 
 from lorakit.core.config import AdapterConfig, reject_unknown_fields
 from lorakit.core.errors import ConfigError
-from lorakit.core.inject import adapted_layers
+from lorakit.core.inject import adapted_layers, adapter_configs
 
 
 class RankPolicy(TrainerCallback):
@@ -45,6 +45,18 @@ class RankPolicy(TrainerCallback):
         """{module path: rank} after training; every policy defines it (the table and the saved
         rank_pattern come from it)."""
         raise NotImplementedError(f"{type(self).__name__} must define final_ranks")
+
+    def required_adapter(self, model: nn.Module, name: str, config_class: type) -> tuple[AdapterConfig, dict[str, nn.Module]]:
+        """(config, {module path: adapter}) of the adapter `name`, which must be of this policy's
+        family (`method`, configured by `config_class`); otherwise an error naming the fix."""
+        config = adapter_configs(model).get(name)
+        if not isinstance(config, config_class):
+            raise ConfigError(
+                f"the {self.name} policy needs an adapter of method {self.method!r} named {name!r}; the model has "
+                f"{ {k: v.method for k, v in adapter_configs(model).items()} or 'none'}. Inject "
+                f"lorakit.{config_class.__name__}(...) first (lorakit train: --method {self.method})"
+            )
+        return config, {path: layer.adapters[name] for path, layer in adapted_layers(model) if name in layer.adapters}
 
     def rank_table(self, model: nn.Module, adapter_name: str = "default") -> str:
         from lorakit.rank.budget import format_rank_table
