@@ -74,9 +74,10 @@ def lorakit_init(init: str, **fields) -> Callable:
         import lorakit
         from lorakit.core.registry import data_initialiser
 
+        options = dict(fields)
         if init == "eva":
-            fields = {**fields, "init_options": {"tau": s.eva_tau, **fields.get("init_options", {})}}
-        config = lorakit.LoraConfig(r=s.r, alpha=s.alpha, init=init, **fields)
+            options["init_options"] = {"tau": s.eva_tau, **fields.get("init_options", {})}
+        config = lorakit.LoraConfig(r=s.r, alpha=s.alpha, init=init, **options)
         data = batches if data_initialiser(init) is not None else None
         return lorakit.inject(model, config, data=data, progress=False)
 
