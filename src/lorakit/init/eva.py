@@ -51,6 +51,7 @@ from lorakit.core.errors import ConfigError
 from lorakit.core.inject import CONFIGS_ATTR, adapted_layers, adapter_configs, disabled
 from lorakit.core.layer import AdaptedLinear
 from lorakit.core.registry import register_data_initialiser
+from lorakit.rank.budget import RankBudget
 
 PEFT_EVA_FIELDS = ("rho", "tau", "use_label_mask", "label_mask_value", "whiten", "adjust_scaling_factors")
 
@@ -242,13 +243,15 @@ def _redistribute(pcas: dict[str, _LayerPCA], owners: dict[str, str], caps: dict
         keys += [path] * len(ratios)
         values += list(ratios)
     order = torch.stack(values).argsort(descending=True)
-    ranks = dict.fromkeys(owners, 0)
+    ranks = RankBudget(dict.fromkeys(owners, 0), budget=budget, capacity=caps)  # refuses any overshoot
     for index in order[:budget].tolist():
-        ranks[keys[index]] += 1
+        ranks.grow(keys[index])
     for path, owner in owners.items():
-        if ranks[owner] < ranks[path]:
-            ranks[owner], ranks[path] = ranks[path], ranks[owner]
-    return ranks
+        small, large = ranks.ranks[owner], ranks.ranks[path]
+        if small < large:  # lower first, so the total never passes the budget mid-swap
+            ranks.set_rank(path, small)
+            ranks.set_rank(owner, large)
+    return ranks.rank_pattern()
 
 
 class _StopForward(Exception):
