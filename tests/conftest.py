@@ -98,3 +98,18 @@ with torch.no_grad():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     return torch.load(work_dir / "fresh_logits.pt", weights_only=True)
+
+
+def train_cli_with_rank_policy(run: Path, model_folder: Path, policy: str, steps: int, *flags: str) -> int:
+    """`lorakit train` on 40 tiny "Repeat: wN" examples with q/v targets and a rank policy (the CLI
+    path every rank policy's test runs)."""
+    import json
+
+    from lorakit.cli.main import main as cli_main
+
+    run.mkdir(parents=True, exist_ok=True)
+    rows = run / "train.jsonl"
+    rows.write_text("\n".join(json.dumps({"prompt": f"Repeat: w{i}", "response": f"w{i}"}) for i in range(40)) + "\n")
+    return cli_main(["train", "--model", str(model_folder), "--data", str(rows), "--output-dir", str(run),
+                     "--max-steps", str(steps), "--batch-size", "4", "--save-steps", "0", "--eval-examples", "4",
+                     "--max-new-tokens", "2", "--rank-policy", policy, "--target-modules", "q_proj,v_proj", *flags])

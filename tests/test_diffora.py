@@ -14,7 +14,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 import lorakit
-from conftest import tiny_llama
+from conftest import tiny_llama, train_cli_with_rank_policy
 from lorakit.core import adapted_layers, trainable_parameters
 from lorakit.rank import DiffoRA, DiffoRAOptions, build_rank_policy
 from lorakit.rank.diffora import kept_count
@@ -325,15 +325,9 @@ def test_trainer_searches_then_trains_only_the_kept_modules(tmp_path):
 # --- lorakit train --rank-policy diffora --------------------------------------------------------------------
 
 def test_lorakit_train_with_diffora_saves_lora_on_the_selected_modules(tmp_path, tiny_model_folder, capsys):
-    from lorakit.cli.main import main as cli_main
-
-    rows = tmp_path / "train.jsonl"
-    rows.write_text("\n".join(json.dumps({"prompt": f"Repeat: w{i}", "response": f"w{i}"}) for i in range(40)) + "\n")
     run = tmp_path / "run"
-    cli_main(["train", "--model", str(tiny_model_folder), "--data", str(rows), "--output-dir", str(run),
-              "--max-steps", "6", "--batch-size", "4", "--save-steps", "0", "--eval-examples", "4",
-              "--max-new-tokens", "2", "--rank-policy", "diffora", "--target-modules", "q_proj,v_proj",
-              "--r", "2", "--rank-policy-options", json.dumps({"search_steps": 2, "gate_lr": 1e-2})])
+    train_cli_with_rank_policy(run, tiny_model_folder, "diffora", 6, "--r", "2",
+                               "--rank-policy-options", json.dumps({"search_steps": 2, "gate_lr": 1e-2}))
     out = capsys.readouterr().out
     assert "final ranks (diffora)" in out
     ranks = json.loads((run / "metrics.json").read_text())["train"]["ranks"]

@@ -12,7 +12,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, get_linear_schedule_with_warmup
 
 import lorakit
-from conftest import tiny_llama
+from conftest import tiny_llama, train_cli_with_rank_policy
 from lorakit.core import adapted_layers
 from lorakit.methods.increlora import RESERVED_E
 from lorakit.rank import IncreLoraAllocator, IncreLoraOptions
@@ -306,15 +306,9 @@ def test_trainer_run_grows_ranks_through_the_callback(tmp_path):
 
 
 def test_lorakit_train_with_increlora_prints_and_saves_the_final_ranks(tmp_path, tiny_model_folder, capsys):
-    from lorakit.cli.main import main as cli_main
-
-    data = tmp_path / "train.jsonl"
-    data.write_text("\n".join(json.dumps({"prompt": f"Repeat: w{i}", "response": f"w{i}"}) for i in range(40)) + "\n")
     run = tmp_path / "run"
-    cli_main(["train", "--model", str(tiny_model_folder), "--data", str(data), "--output-dir", str(run),
-              "--max-steps", "4", "--batch-size", "4", "--save-steps", "0", "--eval-examples", "4",
-              "--max-new-tokens", "2", "--rank-policy", "increlora", "--target-modules", "q_proj,v_proj",
-              "--init-warmup", "0", "--incre-interval", "1", "--target-r", "2", "--top-h", "2"])
+    train_cli_with_rank_policy(run, tiny_model_folder, "increlora", 4,
+                               "--init-warmup", "0", "--incre-interval", "1", "--target-r", "2", "--top-h", "2")
     out = capsys.readouterr().out
     assert "final ranks (increlora)" in out and "model.layers.1.self_attn.v_proj" in out
     ranks = json.loads((run / "metrics.json").read_text())["train"]["ranks"]

@@ -11,7 +11,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, get_linear_schedule_with_warmup
 
 import lorakit
-from conftest import tiny_llama
+from conftest import tiny_llama, train_cli_with_rank_policy
 from lorakit.core import adapted_layers
 from lorakit.rank import (
     LamdaPlusPlus,
@@ -175,26 +175,15 @@ def test_lamda_pp_refuses_configs_without_a_rank_pattern():
 
 # --- lorakit train --rank-policy ----------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tiny_rows(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    path.write_text("\n".join(json.dumps({"prompt": f"Repeat: w{i}", "response": f"w{i}"}) for i in range(40)) + "\n")
-    return path
-
-
 @pytest.mark.parametrize("policy, adapter", [
     ("adalora", {"init_r": 4, "target_r": 2, "tinit": 1, "tfinal": 2}),
     ("lamda++", {"r": 2, "alpha": 4}),
 ])
-def test_lorakit_train_with_a_rank_policy_prints_and_saves_the_final_ranks(tmp_path, tiny_model_folder, tiny_rows,
-                                                                          capsys, policy, adapter):
-    from lorakit.cli.main import main as cli_main
-
+def test_lorakit_train_with_a_rank_policy_prints_and_saves_the_final_ranks(tmp_path, tiny_model_folder, capsys,
+                                                                          policy, adapter):
     run = tmp_path / "run"
-    cli_main(["train", "--model", str(tiny_model_folder), "--data", str(tiny_rows), "--output-dir", str(run),
-              "--max-steps", "6", "--batch-size", "4", "--save-steps", "0", "--eval-examples", "4",
-              "--max-new-tokens", "2", "--rank-policy", policy, "--target-modules", "q_proj,v_proj",
-              *[f"--{k.replace('_', '-')}={v}" for k, v in adapter.items()]])
+    train_cli_with_rank_policy(run, tiny_model_folder, policy, 6,
+                               *[f"--{k.replace('_', '-')}={v}" for k, v in adapter.items()])
     out = capsys.readouterr().out
     assert f"final ranks ({policy})" in out and "model.layers.1.self_attn.v_proj" in out
     metrics = json.loads((run / "metrics.json").read_text())
