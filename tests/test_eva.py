@@ -345,7 +345,8 @@ def test_tiny_llama_ranks_and_components_match_peft_and_files_load_both_ways(tmp
 # --- options, errors, progress ------------------------------------------------------------------
 
 @pytest.mark.parametrize("options, field", [({"rho": 0.5}, "rho"), ({"tau": 0.0}, "tau"), ({"tau": 1.5}, "tau"),
-                                             ({"max_batches": 0}, "max_batches"), ({"sigma": 1}, "sigma")])
+                                             ({"max_batches": 0}, "max_batches"), ({"sigma": 1}, "sigma"),
+                                             ({"block_cache_mb": -1}, "block_cache_mb")])
 def test_invalid_options_name_the_option(options, field):
     with pytest.raises(ConfigError, match=field):
         eva_config(["q_proj"], **options)
@@ -410,3 +411,33 @@ def test_estimation_forwards_stop_after_the_last_layer_still_collecting():
     assert len(head_calls) == 1  # only the first pass (which finds the shared inputs) runs to the head
     # the last block still runs while its own q/v collect, but never to completion (its MLP comes after v_proj)
     assert len(blocks) == 1
+
+
+def test_block_cache_skips_converged_blocks_without_changing_ranks_or_components():
+    """Six blocks at tau = 0.99: block 0's layers converge before the last ones, so later passes resume
+    from block 0's kept output. The result must equal the uncached run's and PEFT's exactly."""
+    data, options = llama_batches(), dict(rho=2.0, tau=0.99)
+    results, attention_calls = {}, {}
+    for cache_mb in (1024.0, 1e-6, 0.0):  # on; too small to keep one output; off
+        model = lorakit.inject(tiny_llama(layers=6), lorakit.LoraConfig(r=4, alpha=8, target_modules=LLAMA_TARGETS))
+        calls = []
+        model.model.layers[0].self_attn.register_forward_hook(lambda *args: calls.append(1))
+        results[cache_mb] = estimate_eva(model, "default", data, EvaOptions(**options, block_cache_mb=cache_mb),
+                                         progress=False)
+        attention_calls[cache_mb] = len(calls)
+    cached, starved, plain = results[1024.0], results[1e-6], results[0.0]
+    assert cached.skipped_blocks > 0 and starved.skipped_blocks == plain.skipped_blocks == 0
+    assert attention_calls[1024.0] < attention_calls[1e-6] == attention_calls[0.0] == plain.batches + 1
+    for result in (cached, starved):
+        assert result.batches == plain.batches and result.ranks == plain.ranks
+        assert all(torch.equal(result.components[path], plain.components[path]) for path in plain.components)
+
+    pm = peft.get_peft_model(tiny_llama(layers=6), peft.LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS,
+                                                                   init_lora_weights="eva",
+                                                                   eva_config=peft.EvaConfig(**options)))
+    initialize_lora_eva_weights(pm, dataloader=data, show_progress_bar=False)
+    theirs = {name[len("base_model.model."):-len(".lora_A.default.weight")]: p
+              for name, p in pm.named_parameters() if name.endswith("lora_A.default.weight")}
+    assert set(theirs) == {path for path, rank in cached.ranks.items() if rank > 0}
+    for path, A in theirs.items():
+        assert (cached.components[path] - A).abs().max() <= 1e-6, path
