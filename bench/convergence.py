@@ -147,12 +147,7 @@ def all_recipes() -> list[Recipe]:
     return RECIPES + family_recipes()
 
 
-# EVA is left out of the quick set: at its default tau = 0.99 it may take many passes over its few
-# batches before it converges (run it with --quick --only eva).
-QUICK_KEYS = ("lora", "rslora", "pissa", "dora", "loraplus")
-
-
-def select_recipes(only: str | None, quick: bool = False) -> tuple[list[Recipe], dict[str, str]]:
+def select_recipes(only: str | None) -> tuple[list[Recipe], dict[str, str]]:
     """(the recipes to run, {key: what is missing} for those that cannot run yet). LoRA always runs."""
     recipes = all_recipes()
     known = {r.key: r for r in recipes}
@@ -162,7 +157,7 @@ def select_recipes(only: str | None, quick: bool = False) -> tuple[list[Recipe],
         if unknown:
             raise SystemExit(f"--only names unknown recipes {unknown}; known: {', '.join(known)}")
     else:
-        wanted = list(QUICK_KEYS) if quick else list(known)
+        wanted = list(known)
     chosen = [known[BASELINE]] + [known[k] for k in dict.fromkeys(wanted) if k != BASELINE]
     missing = {r.key: r.missing() for r in chosen if r.missing()}
     if only and missing:
@@ -181,13 +176,16 @@ class Settings:
     eval_examples: int = 250
     max_new_tokens: int = 256
     init_batches: int = 8
+    # Forward passes a data-driven initialiser may cycle its batches for (EVA's `max_batches`);
+    # None keeps the initialiser's own cap (EVA: 1000, stopping earlier once converged).
+    init_max_passes: int | None = None
     device: str = "cpu"
     lr_scale: float = 1.0  # every recipe's rate times this (`--lr-scale`)
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "max_length", "eval_every", "eval_examples", "max_new_tokens",
-                     "init_batches"):
-            if getattr(self, name) < 1:
+                     "init_batches", "init_max_passes"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if not 0 <= self.warmup_steps < self.steps:
             raise ValueError(f"warmup_steps={self.warmup_steps} must be in [0, steps={self.steps})")
@@ -195,8 +193,11 @@ class Settings:
             raise ValueError("at least one seed is needed")
 
 
+# Every recipe runs in the quick form too. EVA's components need not converge at tau = 0.99 on two
+# batches of two examples (near-equal singular values keep rotating), so it stops after 32 passes
+# there and uses the estimate it has, with a warning naming the layers.
 QUICK = dict(steps=4, warmup_steps=1, batch_size=2, max_length=256, seeds=(0,), eval_every=2, eval_examples=4,
-             max_new_tokens=32, init_batches=2)
+             max_new_tokens=32, init_batches=2, init_max_passes=32)
 
 
 # --- data --------------------------------------------------------------------------------------
@@ -297,6 +298,8 @@ def adapter_config(recipe: Recipe, settings: Settings):
     if spec is not None:
         run = {"lr": recipe.lr * settings.lr_scale, "warmup_ratio": max(settings.warmup_steps, 1) / settings.steps,
                "total_steps": settings.steps}
+        if settings.init_max_passes is not None:
+            run["max_batches"] = settings.init_max_passes
         names = {f.name for f in fields(spec.options)}
         options = {k: v for k, v in run.items() if k in names}
         values["init_options"] = {**options, **values.get("init_options", {})}
@@ -492,7 +495,8 @@ def plot(summaries: list[Summary], path: Path, title: str) -> None:
 
 
 def format_markdown(summaries: list[Summary], base: dict[str, float], data: Data, settings: Settings,
-                    env: dict[str, str], command: str, missing: dict[str, str], png_name: str) -> str:
+                    env: dict[str, str], command: str, missing: dict[str, str], png_name: str,
+                    extended: list[str] = ()) -> str:
     s = settings
     lines = [
         *step_bench.results_head(
@@ -500,7 +504,8 @@ def format_markdown(summaries: list[Summary], base: dict[str, float], data: Data
         f"Default model fine-tuned on GSM8K train ({len(data.train)} examples that fit in {s.max_length} tokens used; "
         f"{data.dropped_train} longer ones skipped), {s.steps} steps, batch {s.batch_size}, {s.warmup_steps} warm-up "
         f"steps then cosine decay, no weight decay, identical batches for every method per seed; seeds "
-        f"{', '.join(map(str, s.seeds))}. Data-driven initialisers see the first {s.init_batches} training batches. "
+        f"{', '.join(map(str, s.seeds))}. Data-driven initialisers see the first {s.init_batches} training batches"
+        f"{'' if s.init_max_passes is None else f' (cycled for at most {s.init_max_passes} passes)'}. "
         f"Evaluation on the first {len(data.test)} GSM8K test examples that fit ({data.dropped_test} skipped): eval "
         f"loss = cross-entropy per answer token, every {s.eval_every} steps; accuracy of greedy generations "
         f"({s.max_new_tokens} new tokens) after training: strict = the number after the first '####' equals the "
@@ -510,6 +515,7 @@ def format_markdown(summaries: list[Summary], base: dict[str, float], data: Data
         "",
         *[f"- {key}: {value}" for key, value in env.items()],
         "",
+        *(["Rows carried over from earlier runs of this benchmark (`--extend`):", "", *extended, ""] if extended else []),
         "| " + " | ".join(HEADER) + " |",
         "|" + "|".join(["---"] + ["---:"] * (len(HEADER) - 1)) + "|",
         f"| base model (no training) | | 0 | {base['eval_loss']:.3f} | {base['strict']:.3f} | {base['flexible']:.3f} | | |",
@@ -529,6 +535,43 @@ def format_markdown(summaries: list[Summary], base: dict[str, float], data: Data
     if missing:
         lines += ["", "Not run (not in lorakit yet): " + ", ".join(f"{k} (needs {v})" for k, v in missing.items()) + "."]
     return "\n".join(lines + [""])
+
+
+def extend_from(paths: list[Path], settings: Settings, summaries: list[Summary]) -> tuple[list[Summary], list[str]]:
+    """Recipes from earlier runs' JSON files (same settings) that this run did not train: (their
+    summaries, one markdown line per file naming its command, its recipes and both LoRA results)."""
+    names = {f.name for f in fields(Settings)}
+    ours = json.loads(json.dumps(asdict(settings)))
+    have = {s.recipe.key for s in summaries}
+    lora = statistics.fmean(summaries[0].values("final_loss"))
+    added, lines = [], []
+    for path in paths:
+        try:
+            earlier = json.loads(Path(path).read_text())
+            given = {k: v for k, v in earlier["settings"].items() if k in names}
+            theirs = json.loads(json.dumps(asdict(Settings(**{**given, "seeds": tuple(given.get("seeds", (0, 1, 2)))}))))
+            recipes = earlier["recipes"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise SystemExit(f"--extend {path}: not a results JSON of bench/convergence.py ({error})")
+        differ = sorted(k for k in ours if k not in ("lr_scale",) and ours[k] != theirs[k])
+        if differ or ours["lr_scale"] != theirs["lr_scale"]:
+            raise SystemExit(f"--extend {path}: its run used other settings ({', '.join(differ) or 'lr_scale'}: "
+                             + ", ".join(f"{theirs[k]} here {ours[k]}" for k in differ or ["lr_scale"])
+                             + "); rerun with the same flags")
+        taken = []
+        for entry in recipes:
+            recipe = Recipe(**entry["recipe"])
+            if recipe.key in have:
+                continue
+            runs = [Run(**{**r, "curve": [tuple(point) for point in r["curve"]]}) for r in entry["runs"]]
+            added.append(Summary(recipe, runs))
+            have.add(recipe.key)
+            taken.append(recipe.label)
+        their_lora = next((statistics.fmean(r["curve"][-1][1] for r in e["runs"]) for e in recipes
+                           if e["recipe"]["key"] == BASELINE), math.nan)
+        lines.append(f"- {', '.join(taken) or 'no recipe'} from `{earlier.get('command', path)}` (same settings; "
+                     f"LoRA's final eval loss there {their_lora:.3f}, here {lora:.3f})")
+    return added, lines
 
 
 def to_json(summaries: list[Summary], base: dict[str, float], settings: Settings, command: str) -> str:
@@ -551,20 +594,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-every", type=int, default=None, help=f"[{d.eval_every}]")
     parser.add_argument("--eval-examples", type=int, default=None, help=f"[{d.eval_examples}]")
     parser.add_argument("--max-new-tokens", type=int, default=None, help=f"[{d.max_new_tokens}]")
+    parser.add_argument("--init-batches", type=int, default=None,
+                        help=f"training batches the data-driven initialisers see [{d.init_batches}]")
+    parser.add_argument("--init-max-passes", type=int, default=None,
+                        help="most forward passes EVA may cycle them for [EVA's own cap, 1000]")
     parser.add_argument("--lr-scale", type=float, default=1.0, help="multiply every recipe's learning rate")
     parser.add_argument("--only", default=None, help="comma-separated recipe keys (LoRA always runs); see RECIPES")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--quick", action="store_true",
-                        help="reduced run (< 10 min on 2 CPU cores): " + ", ".join(f"{k}={v}" for k, v in QUICK.items())
-                        + f"; recipes {', '.join(QUICK_KEYS)} (those that exist)")
+                        help="reduced run (< 10 min on 2 CPU cores), every recipe: "
+                        + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
     parser.add_argument("--out", type=Path, default=None, help="markdown file (default bench/results/convergence_<device>[_quick].md)")
+    parser.add_argument("--extend", type=Path, nargs="+", default=None, metavar="JSON",
+                        help="add the recipes of earlier runs' .json results (same settings) that this run does not "
+                             "train to its table and plot, e.g. to grow a long run a few recipes at a time")
     return parser.parse_args(argv)
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     chosen = dict(QUICK) if args.quick else {}
-    for key in ("steps", "batch_size", "max_length", "eval_every", "eval_examples", "max_new_tokens"):
+    for key in ("steps", "batch_size", "max_length", "eval_every", "eval_examples", "max_new_tokens", "init_batches",
+                "init_max_passes"):
         if getattr(args, key) is not None:
             chosen[key] = getattr(args, key)
     if args.seeds:
@@ -583,7 +634,7 @@ def main(argv: list[str] | None = None) -> list[Summary]:
         torch.set_num_threads(args.threads)
     settings = settings_from_args(args)
     settings.validate()
-    recipes, missing = select_recipes(args.only, args.quick)
+    recipes, missing = select_recipes(args.only)
     given = sys.argv[1:] if argv is None else argv
     command = shlex.join(["python", "bench/convergence.py", *given])
     env = step_bench.environment(step_bench.Settings(device=settings.device))
@@ -600,6 +651,8 @@ def main(argv: list[str] | None = None) -> list[Summary]:
           f"flexible {base_row['flexible']:.3f}", flush=True)
     runs = measure(base, tokenizer, data, recipes, settings, log=lambda line: print(line, flush=True))
     summaries = summarise(runs, recipes)
+    carried, extended = extend_from(args.extend, settings, summaries) if args.extend else ([], [])
+    summaries += carried
     out = args.out or REPO_ROOT / "bench" / "results" / (
         f"convergence_{torch.device(settings.device).type}{'_quick' if args.quick else ''}.md")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -609,7 +662,7 @@ def main(argv: list[str] | None = None) -> list[Summary]:
     png = out.with_suffix(".png")
     plot(summaries, png, f"GSM8K eval loss, {settings.steps} steps, batch {settings.batch_size}, "
                          f"{len(settings.seeds)} seed(s)")
-    out.write_text(format_markdown(summaries, base_row, data, settings, env, command, missing, png.name))
+    out.write_text(format_markdown(summaries, base_row, data, settings, env, command, missing, png.name, extended))
     out.with_suffix(".json").write_text(to_json(summaries, base_row, settings, command))
     table = [HEADER] + rows(summaries)
     widths = [max(len(row[i]) for row in table) for i in range(len(HEADER))]

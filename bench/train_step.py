@@ -301,6 +301,10 @@ def environment(settings: Settings) -> dict[str, str]:
     try:
         commit = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
                                 capture_output=True, text=True, timeout=10).stdout.strip() or "unknown"
+        changed = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
+                                 capture_output=True, text=True, timeout=10).stdout.strip()
+        if changed and commit != "unknown":
+            commit += " + uncommitted changes"
     except (OSError, subprocess.SubprocessError):
         commit = "unknown"
     return {

@@ -97,6 +97,32 @@ def test_steps_to_reach_uses_the_mean_curve_and_reports_not_reached(convergence)
     assert convergence.rows([summary])[0][6] == "10"  # its own final mean, 1.1, first reached at step 10
 
 
+def test_extend_carries_over_only_new_recipes_from_runs_with_the_same_settings(convergence, tmp_path):
+    by_key = {r.key: r for r in convergence.RECIPES}
+
+    def summary(key, final):
+        return convergence.Summary(by_key[key], [convergence.Run(key, 0, 1, [(0, 3.0), (10, final)], 0, 0, 0, 0)])
+
+    settings = convergence.Settings(steps=10, warmup_steps=1, seeds=(0,))
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(convergence.to_json([summary("lora", 1.5), summary("dora", 1.4), summary("eva", 1.2)],
+                                           {"eval_loss": 3.0}, settings, "python bench/convergence.py --only dora,eva"))
+    here = [summary("lora", 1.6), summary("dora", 1.3)]
+    added, lines = convergence.extend_from([earlier], settings, here)
+    assert [s.recipe.key for s in added] == ["eva"]  # LoRA and DoRA were trained here: this run's rows win
+    assert added[0].runs[0].curve == [(0, 3.0), (10, 1.2)] and added[0].steps_to_reach(1.6) == 10
+    assert "EVA from `python bench/convergence.py --only dora,eva`" in lines[0] and "there 1.500, here 1.600" in lines[0]
+    text = convergence.format_markdown(here + added, {"eval_loss": 3.0, "strict": 0.0, "flexible": 0.0},
+                                       convergence.Data([], [1], [], 0, 0), settings, {}, "cmd", {}, "x.png", lines)
+    assert "`--extend`" in text and "| EVA |" in text
+
+    with pytest.raises(SystemExit, match="other settings.*steps"):
+        convergence.extend_from([earlier], convergence.Settings(steps=20, warmup_steps=1, seeds=(0,)), here)
+    (tmp_path / "broken.json").write_text("{}")
+    with pytest.raises(SystemExit, match="not a results JSON"):
+        convergence.extend_from([tmp_path / "broken.json"], settings, here)
+
+
 def test_run_describing_init_options_come_from_the_run(convergence):
     from lorakit.core.registry import data_initialiser
 
@@ -106,6 +132,19 @@ def test_run_describing_init_options_come_from_the_run(convergence):
         pytest.skip("LoRA-SB has not landed")
     config = convergence.adapter_config(recipe, settings)
     assert config.init_options == {"lr": recipe.lr, "warmup_ratio": 0.1, "total_steps": 40}
+
+
+def test_the_pass_cap_reaches_eva_and_only_initialisers_that_cycle(convergence):
+    capped = convergence.Settings(steps=40, warmup_steps=4, init_max_passes=7)
+    eva = next(r for r in convergence.RECIPES if r.key == "eva")
+    assert convergence.adapter_config(eva, capped).init_options["max_batches"] == 7
+    assert "max_batches" not in convergence.adapter_config(eva, convergence.Settings()).init_options  # EVA's own cap
+    lora_ga = next(r for r in convergence.RECIPES if r.key == "lora-ga")
+    assert "max_batches" not in convergence.adapter_config(lora_ga, capped).init_options
+    quick = convergence.settings_from_args(convergence.parse_args(["--quick", "--device", "cpu", "--init-max-passes", "3"]))
+    assert quick.init_max_passes == 3 and quick.init_batches == convergence.QUICK["init_batches"]
+    with pytest.raises(ValueError, match="init_max_passes"):
+        convergence.Settings(init_max_passes=0).validate()
 
 
 def test_unknown_recipe_names_are_rejected_and_lora_always_runs(convergence):
@@ -133,6 +172,13 @@ def test_init_time_pissa_times_both_frameworks_and_checks_quality(init_time, tin
         assert checks["max ||sBA - W_r||_F / ||W_r||_F"] < 1e-4  # exact SVD: the principal part itself
     text = init_time.format_markdown([result], settings, {"device": "cpu"}, "python bench/init_time.py", ["X"], 14)
     assert "| PiSSA (exact SVD) |" in text and "Not measured" in text
+
+
+def test_init_time_quick_leaves_eva_out_unless_named(init_time):
+    quick, _ = init_time.select(None, quick=True)
+    assert "eva" not in {m.key for m in quick} and "pissa" in {m.key for m in quick}
+    named, _ = init_time.select("eva", quick=True)
+    assert [m.key for m in named] == ["eva"]
 
 
 def test_init_time_data_driven_entries_run_on_real_batches(init_time, tiny, gsm8k_folder):
