@@ -441,3 +441,43 @@ def test_block_cache_skips_converged_blocks_without_changing_ranks_or_components
     assert set(theirs) == {path for path, rank in cached.ranks.items() if rank > 0}
     for path, A in theirs.items():
         assert (cached.components[path] - A).abs().max() <= 1e-6, path
+
+
+class ResidualBlocks(nn.Module):
+    """Three residual blocks run in `order`; in (0, 1, 2, 1) block 1's output depends on when it runs."""
+
+    def __init__(self, order: tuple[int, ...]):
+        super().__init__()
+        torch.manual_seed(0)
+        self.order = order
+        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(N_FEATURES, N_FEATURES), nn.Tanh()) for _ in range(3))
+
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        x = input_ids
+        for index in self.order:
+            x = x + self.layers[index](x)
+        return x
+
+
+def test_block_cache_stays_off_when_a_block_runs_twice_per_forward():
+    from lorakit.init.eva import _ResumingForward
+
+    model = lorakit.inject(ResidualBlocks((0, 1, 2, 1)), lorakit.LoraConfig(r=2, target_modules=["0"]))
+    layers = dict(adapted_layers(model))
+    forward = _ResumingForward(model, layers, budget_bytes=2**20)
+    assert forward.blocks is model.layers and set(forward.block_of.values()) == {0, 1, 2}
+    batch = batches_of([(SD_SHARP, random_orthogonal(32, 1))], 1)[0]
+    forward(id(batch), batch, ["layers.2.0"])  # before the checking pass nothing is kept
+    assert forward.kept == {}
+    forward.full_pass(batch)
+    assert forward.blocks is None
+    for _ in range(2):  # block 1's output would otherwise be kept, then returned for both its calls
+        forward(id(batch), batch, ["layers.2.0"])
+    assert forward.kept == {} and forward.skipped_blocks == 0
+
+    single = lorakit.inject(ResidualBlocks((0, 1, 2)), lorakit.LoraConfig(r=2, target_modules=["0"]))
+    forward = _ResumingForward(single, dict(adapted_layers(single)), budget_bytes=2**20)
+    forward.full_pass(batch)
+    forward(id(batch), batch, ["layers.2.0"])
+    forward(id(batch), batch, ["layers.2.0"])
+    assert forward.blocks is single.layers and forward.skipped_blocks == 2  # blocks 0 and 1 come from the cache

@@ -324,12 +324,31 @@ class _ResumingForward:
         self.kept: dict[int, tuple[int, Any, int]] = {}  # id(batch) -> (block index, its output, bytes)
         self.kept_bytes = 0
         self.skipped_blocks = 0
+        self.checked = False  # set by `full_pass`
         # No KV cache: nothing reads it, and skipped blocks would leave holes in it.
         self.extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+
+    def full_pass(self, batch: dict) -> None:
+        """A whole forward pass, which also checks that every block runs once per forward: a block
+        that runs twice (weights shared across depth) has no single output to keep, so then no block
+        is ever skipped. Until this pass has run, none is."""
+        calls = [0] * len(self.blocks) if self.blocks is not None else []
+        handles = [block.register_forward_pre_hook(lambda module, args, i=i: calls.__setitem__(i, calls[i] + 1))
+                   for i, block in enumerate(self.blocks or ())]
+        try:
+            self.model(**{**self.extra, **batch})
+        finally:
+            for handle in handles:
+                handle.remove()
+        if max(calls, default=0) > 1:
+            self.blocks, self.block_of = None, {}
+        self.checked = True
 
     def __call__(self, key: int, batch: dict, hooked: list[str]) -> None:
         """One pass of `batch` (remembered by `key`) for the `hooked` layers, in firing order."""
         first = min((self.block_of.get(path, -1) for path in hooked), default=-1)
+        if not self.checked:
+            first = -1
         kept = self.kept.get(key) if self.blocks is not None and first > 0 else None
         resume = kept[0] if kept is not None and kept[0] < first else -1
         patched, handles = [], []
@@ -423,7 +442,8 @@ def estimate_eva(model: nn.Module, adapter_name: str, data: Iterable[dict], opti
                 handles[path] = layer.register_forward_hook(hook_for(path, fingerprint(path)))
             batch = _to_device(first, device)
             current["mask"] = _token_mask(batch, options)
-            model(**batch)
+            forward = _ResumingForward(model, layers, int(options.block_cache_mb * 2**20))
+            forward.full_pass(batch)
             while handles:
                 handles.popitem()[1].remove()
             silent = [path for path in layers if path not in fingerprints]
@@ -443,7 +463,6 @@ def estimate_eva(model: nn.Module, adapter_name: str, data: Iterable[dict], opti
             for path, state in pcas.items():
                 handles[path] = layers[path].register_forward_hook(hook_for(path, state.update))
             firing_order = list(fingerprints)  # the order the layers ran in, for stopping the forward early
-            forward = _ResumingForward(model, layers, int(options.block_cache_mb * 2**20))
 
             # 2. Incremental PCA until every layer's allocated components have converged.
             ranks = dict(caps)
