@@ -471,13 +471,15 @@ def plot(summaries: list[Summary], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 5.5))
+    fig, ax = plt.subplots(figsize=(11.5, 5.5))
     baseline = next(s for s in summaries if s.recipe.key == BASELINE)
-    for s in summaries:
+    colours, dashes = plt.get_cmap("tab20").colors, ("-", "--", ":", "-.")
+    for index, s in enumerate(summaries):  # 20 colours x 4 line styles: every recipe tells apart
         curve = s.mean_curve()
         steps = [step for step, _ in curve]
         line, = ax.plot(steps, [loss for _, loss in curve], marker="o", markersize=3, label=s.recipe.label,
-                        linewidth=2.2 if s is baseline else 1.2)
+                        linewidth=2.2 if s is baseline else 1.2, color="black" if s is baseline else colours[index % 20],
+                        linestyle="-" if s is baseline else dashes[(index // 20) % 4])
         if len(s.runs) > 1:
             per_step = [[dict(r.curve).get(step, math.nan) for r in s.runs] for step in steps]
             ax.fill_between(steps, [min(v) for v in per_step], [max(v) for v in per_step], color=line.get_color(),
@@ -488,7 +490,7 @@ def plot(summaries: list[Summary], path: Path, title: str) -> None:
     ax.set_ylabel("eval loss (cross-entropy per answer token, GSM8K test)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
+    ax.legend(fontsize=8, ncol=1 if len(summaries) < 12 else 2, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
