@@ -125,6 +125,7 @@ RECIPES: list[Recipe] = [
     Recipe("lora-ga", "LoRA-GA", "lora", {**LORA, "init": "lora-ga"}),
     Recipe("eva", "EVA", "lora", {**LORA, "init": "eva"}),
     Recipe("lora-sb", "LoRA-SB", "loraxs", {"init": "lora-sb"}),
+    Recipe("loraxs", "LoRA-XS", "loraxs", note="LoRA-SB's structure with its own init (R = 0): the paper's baseline"),
     Recipe("loraplus", "LoRA+", "lora", LORA, optimizer="loraplus"),
     Recipe("lora-pro", "LoRA-Pro", "lora", LORA, optimizer="lora-pro"),
     Recipe("allora", "ALLoRA", "lora", {"r": 16, "alpha": 16.0, "dropout": 0.0}, optimizer="allora"),
