@@ -556,11 +556,10 @@ def extend_from(paths: list[Path], settings: Settings, summaries: list[Summary])
             recipes = earlier["recipes"]
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise SystemExit(f"--extend {path}: not a results JSON of bench/convergence.py ({error})")
-        differ = sorted(k for k in ours if k not in ("lr_scale",) and ours[k] != theirs[k])
-        if differ or ours["lr_scale"] != theirs["lr_scale"]:
-            raise SystemExit(f"--extend {path}: its run used other settings ({', '.join(differ) or 'lr_scale'}: "
-                             + ", ".join(f"{theirs[k]} here {ours[k]}" for k in differ or ["lr_scale"])
-                             + "); rerun with the same flags")
+        differ = sorted(k for k in ours if ours[k] != theirs[k])
+        if differ:
+            raise SystemExit(f"--extend {path}: its run used other settings ("
+                             + ", ".join(f"{k} {theirs[k]}, here {ours[k]}" for k in differ) + "); rerun with the same flags")
         taken = []
         for entry in recipes:
             recipe = Recipe(**entry["recipe"])

@@ -27,7 +27,7 @@ Data (EVA, LoRA-GA): the first `batches` batches of `batch_size` GSM8K train exa
 
     .venv/bin/python bench/init_time.py            # r = 16, 3 rounds, 8 batches of 8
     .venv/bin/python bench/init_time.py --quick    # 1 round, 2 batches of 2; PiSSA and LoRA-GA only
-    .venv/bin/python bench/init_time.py --only eva --rounds 1   # EVA on the full data (about 20 minutes)
+    .venv/bin/python bench/init_time.py --only eva --rounds 1   # EVA on the full data (about 15 minutes on 2 cores)
     .venv/bin/python bench/init_time.py --only pissa
 """
 
@@ -69,7 +69,7 @@ class Settings:
 QUICK = dict(rounds=1, batches=2, batch_size=2, max_length=256)
 # EVA is not timed in the quick form: on 2 batches of 2 examples its components need not converge
 # at tau = 0.99 (near-equal singular values keep rotating between passes), and PEFT, which has no
-# pass cap, would then never return. Time it on the full data: --only eva (about 20 minutes on 2 cores).
+# pass cap, would then never return. Time it on the full data: --only eva (about 15 minutes on 2 cores).
 NOT_QUICK = {"eva": "its components need not converge on the quick data; time it with --only eva"}
 
 
