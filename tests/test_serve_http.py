@@ -67,11 +67,12 @@ def adapter_root(tiny_model_folder, tmp_path_factory) -> Path:
 class Server:
     """`lorakit serve`'s uvicorn server (`build_server`) in a thread on a free localhost port."""
 
-    def __init__(self, engine: Engine, shutdown_timeout: float = 30.0):
+    def __init__(self, engine: Engine, shutdown_timeout: float = 30.0, **limits):
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = build_server(engine, shutdown_timeout=shutdown_timeout, log_level="error")
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = build_server(engine, shutdown_timeout=shutdown_timeout, log_level="error", **limits)
         self.thread = threading.Thread(target=self.server.run, kwargs=dict(sockets=[self.sock]), daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 20
@@ -235,6 +236,23 @@ BAD_REQUESTS = [
     ("load-corrupt", "/v1/load_lora_adapter", {"lora_name": "broken2", "lora_path": "ADAPTERS/broken"}, 422, "invalid_request_error", []),
     ("load-missing-field", "/v1/load_lora_adapter", {"lora_name": "x"}, 400, "invalid_request_error", ["lora_path"]),
     ("unknown-route", "/v1/embeddings", {"input": "hi"}, 404, "not_found_error", ["/v1/embeddings"]),
+    # text that is not Unicode, bodies that are not UTF-8, numbers past what the sampler takes (500s or hangs before)
+    ("lone-surrogate-prompt", "/v1/completions", '{"prompt": "hi \\ud800"}', 400, "invalid_request_error", ["surrogate", "prompt"]),
+    ("lone-surrogate-chat", "/v1/chat/completions", '{"messages": [{"role": "user", "content": "a\\udfff"}]}',
+     400, "invalid_request_error", ["surrogate", "messages.0.content"]),
+    ("lone-surrogate-model", "/v1/completions", '{"model": "\\ud800", "prompt": "hi"}', 400, "invalid_request_error", ["surrogate"]),
+    ("lone-surrogate-stop", "/v1/completions", '{"prompt": "hi", "stop": ["\\udc00"]}', 400, "invalid_request_error", ["surrogate"]),
+    ("invalid-utf8", "/v1/completions", b'{"prompt": "hi \xff\xfe"}', 400, "invalid_request_error", ["utf-8"]),
+    ("seed-past-the-generator", "/v1/completions", {"prompt": "hi", "seed": 2**64}, 400, "invalid_request_error", ["seed"]),
+    ("seed-negative-past-int64", "/v1/completions", {"prompt": "hi", "seed": -2**63 - 1}, 400, "invalid_request_error", ["seed"]),
+    ("seed-bool", "/v1/completions", {"prompt": "hi", "seed": True}, 400, "invalid_request_error", ["seed"]),
+    ("temperature-bool", "/v1/completions", {"prompt": "hi", "temperature": True}, 400, "invalid_request_error", ["temperature"]),
+    ("temperature-nan", "/v1/completions", '{"prompt": "hi", "temperature": NaN}', 400, "invalid_request_error", ["temperature"]),
+    ("top-p-infinite", "/v1/completions", '{"prompt": "hi", "top_p": Infinity}', 400, "invalid_request_error", ["top_p"]),
+    ("too-many-stops", "/v1/completions", {"prompt": "hi", "stop": [f"s{i}" for i in range(17)]}, 400, "invalid_request_error", ["stop"]),
+    ("prompt-over-char-limit", "/v1/completions", {"prompt": "a" * (32 * 256 + 1)}, 400, "invalid_request_error", ["characters"]),
+    ("chat-over-char-limit", "/v1/chat/completions", {"messages": [{"role": "user", "content": "a" * 5000}] * 2},
+     400, "invalid_request_error", ["characters"]),
 ]
 
 
@@ -242,7 +260,7 @@ BAD_REQUESTS = [
 def test_bad_request_gets_a_4xx_json_error_and_the_server_keeps_serving(served, path, body, status, error_type, words):
     if isinstance(body, dict) and "lora_path" in body:
         body = {**body, "lora_path": body["lora_path"].replace("ADAPTERS", str(served.root))}
-    if isinstance(body, str):
+    if isinstance(body, (str, bytes)):
         response = served.client.post(path, content=body, headers={"content-type": "application/json"})
     else:
         response = served.client.post(path, json=body)
@@ -452,6 +470,78 @@ def test_shutdown_ends_every_running_stream_cleanly_then_stops_the_engine(tiny_m
     assert text == expected.text if finish == "length" else expected.text.startswith(text)
     with pytest.raises(ShuttingDown):
         engine.submit("hi")
+
+
+# --- request-body limits on a real server -------------------------------------------------------
+
+def _raw_exchange(port: int, head: str, parts=(), pause: float = 0.0, timeout: float = 20.0) -> bytes:
+    """Send `head` and then `parts` (with `pause` seconds between them) on a raw socket, and return
+    everything the server answers until it closes the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(head.encode())
+        try:
+            for part in parts:
+                time.sleep(pause)
+                sock.sendall(part)
+        except OSError:  # the server answered and closed before the body was sent: that is the point
+            pass
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+def _raw_status_and_error(answer: bytes) -> tuple[int, dict]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)["error"]
+
+
+def _post_head(length: str) -> str:
+    return f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n{length}\r\n"
+
+
+@pytest.fixture(scope="module")
+def strict_server(tiny_model_folder, adapter_root):
+    """A server with a 4 KiB body limit and a 0.5 s body timeout."""
+    engine = _engine(tiny_model_folder, adapter_root).start()
+    server = Server(engine, max_body_bytes=4096, body_timeout=0.5)
+    yield SimpleNamespace(engine=engine, server=server, port=server.port, url=server.url)
+    server.stop()
+
+
+def test_bodies_over_the_byte_limit_get_413_by_length_and_by_counting_chunks(strict_server):
+    status, error = _raw_status_and_error(_raw_exchange(strict_server.port, _post_head("Content-Length: 1000000000\r\n")))
+    assert status == 413 and error["code"] == 413 and "4096" in error["message"] and "--max-body-bytes" in error["message"]
+    chunk = b"400\r\n" + b" " * 1024 + b"\r\n"  # chunked: no Content-Length to check, the bytes are counted
+    status, error = _raw_status_and_error(_raw_exchange(strict_server.port, _post_head("Transfer-Encoding: chunked\r\n"), [chunk] * 8))
+    assert status == 413 and error["type"] == "invalid_request_error"
+    with httpx.Client(base_url=strict_server.url, timeout=30) as client:
+        _assert_error(client.post("/v1/completions", content=b" " * 5000, headers={"content-type": "application/json"}),
+                      413, "invalid_request_error", "limit")
+        ok = client.post("/v1/completions", json=dict(model="alpha", prompt=PROMPTS[0], **GREEDY))  # under the limit
+        assert ok.status_code == 200
+        assert ok.json()["choices"][0]["text"] == _expected(strict_server.engine, PROMPTS[0], "alpha", **GREEDY).text
+        assert _metrics(client)[("lorakit_http_responses_total", (("route", "/v1/completions"), ("status", "413")))] == 3
+
+
+def test_a_body_that_stalls_or_trickles_gets_408_without_holding_up_anyone(strict_server):
+    results: dict[str, bytes] = {}
+    started = time.monotonic()
+    stalled = threading.Thread(target=lambda: results.update(stalled=_raw_exchange(
+        strict_server.port, _post_head("Content-Length: 200\r\n"), [b'{"prompt": "hi", '])))
+    trickled = threading.Thread(target=lambda: results.update(trickled=_raw_exchange(
+        strict_server.port, _post_head("Content-Length: 200\r\n"), [b" "] * 40, pause=0.05)))
+    stalled.start()
+    trickled.start()
+    with httpx.Client(base_url=strict_server.url, timeout=30) as client:  # served while the two slow bodies hang
+        ok = client.post("/v1/completions", json=dict(model="beta", prompt=PROMPTS[1], **GREEDY))
+        assert ok.status_code == 200
+    stalled.join(30)
+    trickled.join(30)
+    for name in ("stalled", "trickled"):
+        status, error = _raw_status_and_error(results[name])
+        assert status == 408 and error["code"] == 408 and "--body-timeout" in error["message"], name
+    assert time.monotonic() - started < 10
 
 
 def test_lorakit_serve_cli_serves_the_adapter_root_and_exits_cleanly_on_ctrl_c(tiny_model_folder, adapter_root):

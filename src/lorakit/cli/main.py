@@ -11,14 +11,16 @@ LoRA adapter (`lorakit.export`); `merge`, `analyze`, `prune` and `quantize` run 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import lorakit
-from lorakit.core.errors import LorakitError
+from lorakit.core.errors import LorakitError, LorakitWarning
 from lorakit.core.registry import method_spec, registered_methods
 from lorakit.train.config import TrainConfig
 
@@ -86,6 +88,8 @@ def _train_parser(sub) -> None:
 def _eval_parser(sub) -> None:
     parser = sub.add_parser("eval", help="score an adapter on held-out data (loss and exact match)")
     parser.add_argument("--adapter", type=Path, help="adapter folder (omit to score the base model)")
+    parser.add_argument("--allow-non-finite", action="store_true",
+                        help="load an adapter whose weights hold NaN or inf (refused by default)")
     parser.add_argument("--data", default="default", help="JSONL/JSON/CSV file or folder, or 'default' for the built-in task's held-out split")
     parser.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path, else the embedded default)")
     parser.add_argument("--examples", type=int, default=100, help="score at most this many examples")
@@ -96,6 +100,8 @@ def _eval_parser(sub) -> None:
 def _generate_parser(sub) -> None:
     parser = sub.add_parser("generate", help="generate a reply with a base model and an adapter")
     parser.add_argument("--adapter", type=Path, help="adapter folder (omit for the base model alone)")
+    parser.add_argument("--allow-non-finite", action="store_true",
+                        help="load an adapter whose weights hold NaN or inf (refused by default)")
     parser.add_argument("--prompt", required=True, action="append", help="user message (repeat for several)")
     parser.add_argument("--model", help="base model (default: from the adapter, else the embedded default)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -230,6 +236,9 @@ def _serve_parser(sub) -> None:
     parser.add_argument("--model", help="base model (default: the embedded default)")
     parser.add_argument("--adapters", type=Path, metavar="DIR", help="adapter root: every sub-folder holding adapter_config.json "
                         "is served under its folder name; load_lora_adapter paths must lie inside it")
+    parser.add_argument("--allow-any-adapter-path", action="store_true",
+                        help="without --adapters, let load_lora_adapter read any path on this machine (only when every "
+                        "client is trusted; default: refused with 403)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 for every interface)")
     parser.add_argument("--port", type=int, default=8000, help="(default: 8000)")
     parser.add_argument("--served-model-name", help="the base model's name in requests and /v1/models (default: --model, or the embedded model's Hub id)")
@@ -242,6 +251,15 @@ def _serve_parser(sub) -> None:
     parser.add_argument("--mode", choices=["segment", "bmm"], default="segment", help="batched-LoRA evaluation (default: segment)")
     parser.add_argument("--device", help="where the model runs (default: cuda if available, else cpu)")
     parser.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds running requests get to finish on Ctrl-C / SIGTERM (default: 30)")
+    parser.add_argument("--max-body-bytes", type=int, default=8 * 2**20, help="largest request body; larger ones get 413 (default: 8 MiB)")
+    parser.add_argument("--body-timeout", type=float, default=30.0,
+                        help="seconds a client has to send its whole request body; slower ones get 408 (default: 30)")
+    parser.add_argument("--max-prompt-chars", type=int,
+                        help="longest prompt (or chat messages together) in characters, refused before tokenizing "
+                        "(default: 32 per token of the model's context)")
+    parser.add_argument("--stall-timeout", type=float, default=30.0,
+                        help="seconds the engine may go without a loop iteration, or without progress while requests "
+                        "wait, before /health answers 503 (default: 30)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -284,17 +302,18 @@ def _base_for(adapter: Path | None, model: str | None) -> str:
     if model:
         return model
     if adapter is not None:
-        config = json.loads((adapter / "adapter_config.json").read_text()) if (adapter / "adapter_config.json").exists() else {}
-        base = config.get("base_model_name_or_path")
+        from lorakit.core.io import read_adapter_file_dict
+
+        base = read_adapter_file_dict(adapter)[1].get("base_model_name_or_path")  # checked: a string or null
         if base and base != lorakit.models.DEFAULT_MODEL_HUB_ID:
             return base
     return lorakit.models.DEFAULT_MODEL
 
 
-def _load_with_adapter(adapter: Path | None, model_spec: str | None):
+def _load_with_adapter(adapter: Path | None, model_spec: str | None, allow_non_finite: bool = False):
     model, tokenizer = lorakit.models.load(_base_for(adapter, model_spec))
     if adapter is not None:
-        lorakit.load_adapter(model, adapter)
+        lorakit.load_adapter(model, adapter, allow_non_finite=allow_non_finite)
     return model, tokenizer
 
 
@@ -302,7 +321,7 @@ def run_eval(args: argparse.Namespace) -> None:
     from lorakit.data import default_task, load_records, to_example
     from lorakit.train.evaluate import evaluate
 
-    model, tokenizer = _load_with_adapter(args.adapter, args.model)
+    model, tokenizer = _load_with_adapter(args.adapter, args.model, args.allow_non_finite)
     records = default_task()[1] if args.data == "default" else load_records(args.data)
     examples = [to_example(r) for r in records][: args.examples]
     result = evaluate(model, tokenizer, examples, max_length=args.max_length, max_new_tokens=args.max_new_tokens, progress=True)
@@ -315,7 +334,7 @@ def run_generate(args: argparse.Namespace) -> None:
     from lorakit.data import Example
     from lorakit.train.evaluate import generate_responses
 
-    model, tokenizer = _load_with_adapter(args.adapter, args.model)
+    model, tokenizer = _load_with_adapter(args.adapter, args.model, args.allow_non_finite)
     examples = [Example(messages=[{"role": "user", "content": p}], response="") for p in args.prompt]
     for prompt, reply in zip(args.prompt, generate_responses(model, tokenizer, examples, args.max_new_tokens)):
         print(reply if len(args.prompt) == 1 else f"> {prompt}\n{reply}\n")
@@ -424,42 +443,71 @@ def run_serve(args: argparse.Namespace) -> None:
     model, tokenizer = lorakit.models.load(args.model)
     model.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     name = args.served_model_name or args.model or lorakit.models.DEFAULT_MODEL_HUB_ID
-    store = AdapterStore(args.adapters, host_budget_bytes=int(args.host_cache_mb * 2**20), base_model=model)
+    store = AdapterStore(args.adapters, host_budget_bytes=int(args.host_cache_mb * 2**20), base_model=model,
+                         allow_any_path=args.allow_any_adapter_path)
     budget = None if args.device_budget_mb is None else int(args.device_budget_mb * 2**20)
     engine = Engine(model, tokenizer, store, max_batch_size=args.max_batch_size, max_adapters_per_step=args.max_adapters_per_step,
-                    max_queue=args.max_queue, device_budget_bytes=budget, mode=args.mode, model_name=name)
+                    max_queue=args.max_queue, device_budget_bytes=budget, mode=args.mode, model_name=name,
+                    max_prompt_chars=args.max_prompt_chars, stall_timeout=args.stall_timeout)
     print(f"lorakit serve: {name} with {len(store.names())} adapter(s) from {args.adapters} on http://{args.host}:{args.port}/v1",
           file=sys.stderr)
-    serve(engine, args.host, args.port, shutdown_timeout=args.shutdown_timeout)
+    serve(engine, args.host, args.port, shutdown_timeout=args.shutdown_timeout, max_body_bytes=args.max_body_bytes,
+          body_timeout=args.body_timeout)
+
+
+def _run(args: argparse.Namespace) -> None:
+    if args.verb == "train":
+        from lorakit.train.runner import train
+
+        config, resume = train_config_from_args(args)
+        train(config, resume=resume, progress=not args.quiet)
+    elif args.verb == "eval":
+        run_eval(args)
+    elif args.verb == "generate":
+        run_generate(args)
+    elif args.verb == "export":
+        run_export(args)
+    elif args.verb == "merge":
+        run_merge(args)
+    elif args.verb == "analyze":
+        run_analyze(args)
+    elif args.verb == "prune":
+        run_prune(args)
+    elif args.verb == "quantize":
+        run_quantize(args)
+    elif args.verb == "serve":
+        run_serve(args)
+
+
+@contextlib.contextmanager
+def _plain_warnings(verb: str) -> Iterator[None]:
+    """lorakit's own warnings as one line, `lorakit VERB: warning: ...`, like its errors."""
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, LorakitWarning):
+            print(f"lorakit {verb}: warning: {message}", file=file or sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = default
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.verb == "train":
-            from lorakit.train.runner import train
-
-            config, resume = train_config_from_args(args)
-            train(config, resume=resume, progress=not args.quiet)
-        elif args.verb == "eval":
-            run_eval(args)
-        elif args.verb == "generate":
-            run_generate(args)
-        elif args.verb == "export":
-            run_export(args)
-        elif args.verb == "merge":
-            run_merge(args)
-        elif args.verb == "analyze":
-            run_analyze(args)
-        elif args.verb == "prune":
-            run_prune(args)
-        elif args.verb == "quantize":
-            run_quantize(args)
-        elif args.verb == "serve":
-            run_serve(args)
-    except (LorakitError, ValueError, FileNotFoundError) as err:
+        with _plain_warnings(args.verb):
+            _run(args)
+    except (LorakitError, ValueError, OSError) as err:  # a bad input, file or setting: one line, no traceback
         print(f"lorakit {args.verb}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"lorakit {args.verb}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

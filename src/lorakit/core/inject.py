@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import re
 from typing import Iterable, Iterator
 
 import torch
@@ -12,6 +11,7 @@ from torch import nn
 from lorakit.core.config import AdapterConfig
 from lorakit.core.errors import ConfigError, TargetError
 from lorakit.core.layer import ADAPTABLE_LAYERS, AdaptedLinear, layer_features
+from lorakit.core.patterns import fullmatch_target
 from lorakit.core.registry import data_initialiser, init_options, method_spec, weight_initialiser
 
 _ADAPTABLE = ADAPTABLE_LAYERS + (AdaptedLinear,)
@@ -40,7 +40,7 @@ def _output_head_names(model: nn.Module) -> set[str]:
 
 def _matches(target_modules: str | list[str], name: str) -> bool:
     if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, name) is not None
+        return fullmatch_target(target_modules, name)
     return any(name == key or name.endswith("." + key) for key in target_modules)
 
 

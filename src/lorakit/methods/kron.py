@@ -115,6 +115,8 @@ class KronConfig(AdapterConfig):
     otherwise), so it cannot express independent factors such as a1 = 64, a2 = 8.
     """
 
+    regex_keyed_fields = ("rank_pattern", "alpha_pattern")  # module-name regexes, matched as PEFT does
+
     a1: int = 64
     a2: int = 8
     target_modules: str | list[str] = "all-linear"

@@ -53,6 +53,8 @@ class LoraConfig(AdapterConfig):
     rank_pattern / alpha_pattern: per-module overrides of r / alpha, keyed by module-name regex.
     """
 
+    regex_keyed_fields = ("rank_pattern", "alpha_pattern")  # module-name regexes, matched as PEFT does
+
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
@@ -155,7 +157,9 @@ class LoraConfig(AdapterConfig):
         if init is True or init is False:  # False: PEFT's random (non-identity) init; the file holds the trained factors
             init = "default"
         elif isinstance(init, str) and init.startswith("pissa_niter_"):
-            niter, init = int(init.rsplit("_", 1)[1]), "pissa"
+            if not init.removeprefix("pissa_niter_").isdigit():
+                raise ConfigError(f"adapter_config.json has init_lora_weights={init!r}; write 'pissa_niter_<k>' with k an integer")
+            niter, init = int(init.removeprefix("pissa_niter_")), "pissa"
         elif init not in ("gaussian", "pissa", "olora", "eva"):  # EVA files are plain LoRA with rank/alpha patterns
             raise ConfigError(
                 f"adapter_config.json has init_lora_weights={init!r}; lorakit loads "

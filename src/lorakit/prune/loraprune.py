@@ -33,7 +33,6 @@ import dataclasses
 import math
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +46,7 @@ from tqdm.auto import tqdm
 from lorakit.core.config import require_choice, require_in_range, require_positive
 from lorakit.core.errors import ConfigError
 from lorakit.core.inject import adapted_layers, adapter_configs, delete_adapter, inject, unload
-from lorakit.core.io import atomic_write_json
+from lorakit.core.io import atomic_write_json, make_staging_folder, temp_path_for
 from lorakit.data import IGNORE_INDEX
 from lorakit.init.gradients import batch_loss
 from lorakit.prune.importance import (
@@ -385,8 +384,7 @@ def save_pruned(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, re
         )
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise ConfigError(f"{out} exists and is not empty; pick a new folder or pass force=True (--force)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = make_staging_folder(out, "prune")  # umask permissions (mkdtemp's are 0700); cleaned if we are killed
     try:
         model.save_pretrained(tmp)
         if tokenizer is not None:
@@ -395,7 +393,7 @@ def save_pruned(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, re
             atomic_write_json(tmp / REPORT_NAME, report)
         old = None
         if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            old = temp_path_for(out, "old")
             os.replace(out, old)
         os.replace(tmp, out)
         if old is not None:

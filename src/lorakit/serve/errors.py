@@ -45,10 +45,33 @@ class CorruptAdapter(ServeError):
     status = 422
 
 
+class AdapterTooLarge(CorruptAdapter):
+    """One adapter needs more host memory than the store's whole budget."""
+
+
 class AdapterConflict(ServeError):
     """load_lora_adapter for a name already registered with a different path."""
 
     status = 409
+
+
+class NonFiniteLogits(ServeError):
+    """The model's logits for one request held inf or NaN (typically an adapter with huge weights,
+    or a dtype that overflows): that request fails, the others in its batch carry on."""
+
+    status = 422
+
+
+class RequestTooLarge(InvalidRequest):
+    """A request body over the server's byte limit (`--max-body-bytes`)."""
+
+    status = 413
+
+
+class RequestTimeout(InvalidRequest):
+    """A request body that did not arrive within the server's body timeout (`--body-timeout`)."""
+
+    status = 408
 
 
 class QueueFull(ServeError):

@@ -5,9 +5,21 @@ Routes (the same paths and bodies as vLLM's OpenAI server, so clients and script
 - `POST /v1/completions`, `POST /v1/chat/completions`: the `model` field names an adapter (a
   sub-folder of the adapter root, or one added by `load_lora_adapter`) or the base model's name;
   `"stream": true` answers with server-sent events in OpenAI's chunk format, ending `data: [DONE]`.
-- `GET /v1/models`: the base model, then every adapter with `"parent"` = the base (as vLLM lists them).
-- `POST /v1/load_lora_adapter` `{"lora_name", "lora_path"}`, `POST /v1/unload_lora_adapter` `{"lora_name"}`.
-- `GET /health`, `GET /metrics` (Prometheus text format, one registry per app).
+- `GET /v1/models`: the base model, then every servable adapter with `"parent"` = the base (as vLLM
+  lists them); folders known not to load are left out (and logged on the server), see `AdapterStore.names`.
+- `POST /v1/load_lora_adapter` `{"lora_name", "lora_path"}` (a path inside the adapter root; without
+  one, refused with 403 unless the server runs with `--allow-any-adapter-path`),
+  `POST /v1/unload_lora_adapter` `{"lora_name"}` (drops every copy: a reload serves the new weights).
+- `GET /health`: 200 `{"status": "ok", ...}`, or 503 with a `reason` when the engine loop is not
+  running, is wedged in a step, or has work but makes no progress (`Engine.health`); both carry the
+  heartbeat age, queue length and running count. `GET /metrics` (Prometheus text format, one
+  registry per app).
+
+Input limits (each refused with OpenAI's error body): a body over `max_body_bytes` (413, checked on
+Content-Length and on the bytes of a chunked body), a body not fully received `body_timeout`
+seconds after the request began (408), text that is not valid Unicode (lone surrogates) or a body
+that is not UTF-8 JSON (400), and prompts over the engine's `max_prompt_chars` (400, before
+tokenizing).
 
 Every refused request is a 4xx (5xx only for a server fault) with OpenAI's error body
 `{"error": {"message", "type", "param", "code"}}`, where `code` is the HTTP status as vLLM sends it;
@@ -29,12 +41,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lorakit.serve.engine import SamplingParams
-from lorakit.serve.errors import InvalidRequest, ServeError
+from lorakit.serve.errors import InvalidRequest, RequestTimeout, RequestTooLarge, ServeError
+
+DEFAULT_MAX_BODY_BYTES = 8 * 2**20
+DEFAULT_BODY_TIMEOUT = 30.0
 
 # ---------------------------------------------------------------------------------------------
 # Request bodies. Unknown fields are accepted and ignored (OpenAI clients send many); fields we
@@ -44,7 +60,36 @@ from lorakit.serve.errors import InvalidRequest, ServeError
 Prompt = Union[str, list[int], list[str], list[list[int]]]
 
 
-class _Body(BaseModel):
+_HOLDS_TEXT = frozenset((str, dict, list))
+
+
+class _TextBody(BaseModel):
+    """A body whose every string (keys included) is valid Unicode: JSON can spell lone surrogates
+    ("\\ud800"), which no tokenizer, file system or log takes."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_lone_surrogates(cls, data):
+        pending = [((), data)]
+        while pending:  # iterative: a deeply nested body cannot exhaust the stack
+            path, value = pending.pop()
+            if isinstance(value, str):
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError as error:
+                    where = ".".join(map(str, path)) or "body"
+                    raise PydanticCustomError(
+                        "lone_surrogate", "field '{field}' holds a lone surrogate at character {at}, which is not valid "
+                        "Unicode text; send UTF-8 text", {"field": where, "at": error.start}) from None
+            elif isinstance(value, dict):
+                pending.extend((path + (key,), key) for key in value)
+                pending.extend((path + (key,), item) for key, item in value.items() if type(item) in _HOLDS_TEXT)
+            elif isinstance(value, list) and not _HOLDS_TEXT.isdisjoint(map(type, value)):  # token-id lists: skipped at C speed
+                pending.extend((path + (i,), item) for i, item in enumerate(value) if type(item) in _HOLDS_TEXT)
+        return data
+
+
+class _Body(_TextBody):
     model_config = ConfigDict(extra="allow")
 
     model: str | None = None              # adapter name or the base model's name; None: the base
@@ -59,6 +104,14 @@ class _Body(BaseModel):
     logprobs: Any = None
     ignore_eos: bool = False              # vLLM's extra: keep generating past the end-of-sequence token
 
+    @field_validator("max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "seed", mode="before",
+                     check_fields=False)
+    @classmethod
+    def _numbers_are_not_booleans(cls, value):
+        if isinstance(value, bool):  # pydantic would read true as 1
+            raise PydanticCustomError("bool_not_number", "expected a number, got {value}", {"value": str(value).lower()})
+        return value
+
 
 class CompletionBody(_Body):
     prompt: Prompt
@@ -70,12 +123,12 @@ class ChatBody(_Body):
     max_completion_tokens: int | None = None   # the newer OpenAI name of max_tokens
 
 
-class LoadLoraBody(BaseModel):
+class LoadLoraBody(_TextBody):
     lora_name: str
     lora_path: str
 
 
-class UnloadLoraBody(BaseModel):
+class UnloadLoraBody(_TextBody):
     model_config = ConfigDict(extra="allow")
 
     lora_name: str
@@ -103,6 +156,8 @@ def _failure_body(error: BaseException) -> dict:
 def _validation_message(errors: list[dict]) -> tuple[str, str | None]:
     """One readable sentence from pydantic's error list (malformed JSON is its own case)."""
     first = errors[0] if errors else {}
+    if first.get("type") == "lone_surrogate":
+        return first["msg"], str((first.get("ctx") or {}).get("field", "")).split(".")[0] or None
     if first.get("type") == "json_invalid":
         reason = (first.get("ctx") or {}).get("error", "not valid JSON")
         return f"malformed JSON body: {reason}; send one JSON object (Content-Type: application/json)", None
@@ -134,10 +189,16 @@ class _EngineCollector:
         gauges = (("queue_length", "lorakit_queue_length", "Requests waiting for a batch slot"),
                   ("running", "lorakit_running_requests", "Requests in the running batch"),
                   ("tokens_per_second", "lorakit_tokens_per_second", "Generated tokens per second (recent)"),
-                  ("device_adapters", "lorakit_device_adapters", "Adapters resident in device memory"))
+                  ("device_adapters", "lorakit_device_adapters", "Adapters resident in device memory"),
+                  ("pool_free_cells", "lorakit_pool_free_cells", "Free cells of the unified device pool (KV cache and adapters)"),
+                  ("pool_cells", "lorakit_pool_cells", "Cells of the unified device pool"),
+                  ("pool_request_cells", "lorakit_pool_request_cells", "Pool cells held by requests (KV cache)"),
+                  ("pool_adapter_cells", "lorakit_pool_adapter_cells", "Pool cells held by resident adapters"),
+                  ("heartbeat_age_seconds", "lorakit_engine_heartbeat_age_seconds",
+                   "Seconds since the engine loop last began an iteration"))
         for key, name, text in gauges:
             yield GaugeMetricFamily(name, text, value=float(m[key]))
-        yield GaugeMetricFamily("lorakit_adapter_cache_bytes", "Host memory held by cached adapters", value=float(m.get("host_bytes", 0)))
+        yield GaugeMetricFamily("lorakit_adapter_cache_bytes", "Host memory held by adapters (cached and resident), each byte once", value=float(m.get("host_bytes", 0)))
         counters = (("requests_total", "lorakit_requests", "Requests accepted by the engine"),
                     ("tokens_generated_total", "lorakit_generated_tokens", "Tokens generated"),
                     ("adapter_hits", "lorakit_adapter_cache_hits", "Adapter lookups served from the host cache"),
@@ -176,6 +237,64 @@ class _CountResponses:
         await self.app(scope, receive, send_counted)
 
 
+class _LimitBody:
+    """Pure ASGI middleware reading each request body before the app sees it: more than
+    `max_bytes` (by Content-Length, before reading, or counted as a chunked body arrives) is answered
+    413, a body not complete `timeout` seconds after the request began 408, both with OpenAI's error
+    body; a body that arrived is replayed to the app, whose later receive() calls (disconnect
+    detection) reach the client's. Waiting for a slow client takes no thread: others are unaffected."""
+
+    def __init__(self, app, max_bytes: int, timeout: float) -> None:
+        self.app, self.max_bytes, self.timeout = app, max_bytes, timeout
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            return await self._refuse(send, RequestTooLarge(self._too_large(declared.decode("latin-1"))))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        chunks, size = [], 0
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                return await self._refuse(send, RequestTimeout(
+                    f"the request body did not arrive within {self.timeout:g} s ({size} bytes received); "
+                    "send the whole body promptly (the server's --body-timeout)"))
+            if message["type"] == "http.disconnect":
+                return  # the client is gone: nobody reads an answer
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await self._refuse(send, RequestTooLarge(self._too_large(f"more than {self.max_bytes}")))
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    def _too_large(self, size: str) -> str:
+        return (f"the request body ({size} bytes) is over the server's limit of {self.max_bytes} bytes "
+                "(--max-body-bytes); send a smaller request")
+
+    @staticmethod
+    async def _refuse(send, error: ServeError) -> None:
+        payload = json.dumps(_error_body(error.status, str(error), error.error_type)).encode()
+        await send({"type": "http.response.start", "status": error.status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": payload})
+
+
 _ROUTES = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/load_lora_adapter",
            "/v1/unload_lora_adapter", "/health", "/metrics"}
 
@@ -184,10 +303,14 @@ _ROUTES = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/load_lo
 # The app
 # ---------------------------------------------------------------------------------------------
 
-def create_app(engine, *, shutdown_timeout: float = 30.0) -> FastAPI:
+def create_app(engine, *, shutdown_timeout: float = 30.0, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               body_timeout: float = DEFAULT_BODY_TIMEOUT) -> FastAPI:
     """The FastAPI app serving `engine`. Starting it (uvicorn's lifespan) does not start the engine
     (call `engine.start()`, as `serve` does); stopping it shuts the engine down gracefully: queued
-    and running requests finish within `shutdown_timeout` seconds, later ones are cancelled."""
+    and running requests finish within `shutdown_timeout` seconds, later ones are cancelled.
+    max_body_bytes, body_timeout: the request-body limits (413, 408; see the module docstring)."""
+    if max_body_bytes < 1 or not body_timeout > 0:
+        raise InvalidRequest(f"max_body_bytes ({max_body_bytes}) and body_timeout ({body_timeout}) must be positive")
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
@@ -200,7 +323,8 @@ def create_app(engine, *, shutdown_timeout: float = 30.0) -> FastAPI:
     http_responses = Counter("lorakit_http_responses", "HTTP responses by route and status", ["route", "status"],
                              registry=registry)
     app.state.registry = registry
-    app.add_middleware(_CountResponses, counter=http_responses)
+    app.add_middleware(_LimitBody, max_bytes=max_body_bytes, timeout=body_timeout)
+    app.add_middleware(_CountResponses, counter=http_responses)  # outermost: it counts the 413s and 408s too
 
     @app.exception_handler(ServeError)
     async def on_serve_error(request: Request, error: ServeError):
@@ -214,6 +338,12 @@ def create_app(engine, *, shutdown_timeout: float = 30.0) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, error: StarletteHTTPException):
         message = f"{request.method} {request.url.path}: {error.detail}"
+        cause = error.__cause__
+        if isinstance(cause, UnicodeDecodeError):  # FastAPI's "error parsing the body", made specific
+            message = (f"request body is not valid UTF-8 (byte {cause.object[cause.start:cause.start + 1]!r} at "
+                       f"position {cause.start}); send JSON encoded as UTF-8")
+        elif isinstance(cause, RecursionError):
+            message = "request body is nested too deeply to parse; send a flatter JSON object"
         if error.status_code == 404:
             message += f"; routes: {', '.join(sorted(_ROUTES))}"
         return _error(error.status_code, message, "not_found_error" if error.status_code == 404 else "invalid_request_error")
@@ -326,9 +456,9 @@ def create_app(engine, *, shutdown_timeout: float = 30.0) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        if not engine.alive:  # loop not started, died, or shutting down: a load balancer should look elsewhere
-            return JSONResponse({"status": "unavailable"}, status_code=503)
-        return {"status": "ok"}
+        # not started, died, shutting down, wedged in a step or stalled: a load balancer should look elsewhere
+        report = engine.health()
+        return JSONResponse(report, status_code=200 if report["status"] == "ok" else 503)
 
     @app.get("/metrics")
     async def metrics():
@@ -352,6 +482,7 @@ def create_app(engine, *, shutdown_timeout: float = 30.0) -> FastAPI:
     @app.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(body: UnloadLoraBody):
         await run_in_threadpool(engine.store.unregister, body.lora_name)
+        engine.forget_adapter(body.lora_name)  # and its resident copy: a reload of the name serves the new weights
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     @app.post("/v1/completions")
@@ -435,7 +566,8 @@ async def _wait_disconnect(request: Request) -> None:
 
 
 def build_server(engine, host: str = "127.0.0.1", port: int = 8000, *, shutdown_timeout: float = 30.0,
-                 log_level: str = "info"):
+                 log_level: str = "info", max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                 body_timeout: float = DEFAULT_BODY_TIMEOUT):
     """The uvicorn server `serve` runs (the engine is not started): on SIGINT/SIGTERM (or
     `should_exit`) it first drains the engine — running and queued requests get `shutdown_timeout`
     seconds to finish, the rest end with finish_reason "cancelled", and new requests get 503 — so
@@ -451,16 +583,19 @@ def build_server(engine, host: str = "127.0.0.1", port: int = 8000, *, shutdown_
                 await asyncio.wait({drain}, timeout=0.1)
             await super().shutdown(sockets=sockets)
 
-    config = uvicorn.Config(create_app(engine, shutdown_timeout=shutdown_timeout), host=host, port=port,
+    app = create_app(engine, shutdown_timeout=shutdown_timeout, max_body_bytes=max_body_bytes, body_timeout=body_timeout)
+    config = uvicorn.Config(app, host=host, port=port,
                             log_level=log_level, timeout_graceful_shutdown=shutdown_timeout)
     return _DrainingServer(config)
 
 
 def serve(engine, host: str = "127.0.0.1", port: int = 8000, *, shutdown_timeout: float = 30.0,
-          log_level: str = "info") -> None:
+          log_level: str = "info", max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+          body_timeout: float = DEFAULT_BODY_TIMEOUT) -> None:
     """Start the engine and serve it until SIGINT/SIGTERM, then shut down as `build_server` says."""
     engine.start()
     try:
-        build_server(engine, host, port, shutdown_timeout=shutdown_timeout, log_level=log_level).run()
+        build_server(engine, host, port, shutdown_timeout=shutdown_timeout, log_level=log_level,
+                     max_body_bytes=max_body_bytes, body_timeout=body_timeout).run()
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled, after the shutdown
         pass

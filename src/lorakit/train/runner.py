@@ -3,22 +3,27 @@
 Built on `transformers.Trainer`, so `accelerate launch` / `torchrun` give DDP or FSDP without
 any distributed code of ours. Checkpoints hold only the adapter (safetensors) plus the
 optimizer, scheduler and RNG states Trainer keeps, so `resume` continues a killed run and
-reaches the same adapter as an uninterrupted one.
+reaches the same adapter as an uninterrupted one. Each checkpoint is published whole or not at
+all (`lorakit.train.checkpoints`), so a kill at any moment leaves a run that resumes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
+import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 import yaml
 from transformers import Trainer, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from lorakit.core.errors import ConfigError
 from lorakit.core.inject import inject, trainable_parameters
@@ -30,6 +35,8 @@ from lorakit.optim import build_optimizer
 from lorakit.optim.lisa import LISA
 from lorakit.rank import build_rank_policy
 from lorakit.train.callbacks import training_callbacks
+from lorakit.train.checkpoints import (RunLock, newest_complete_checkpoint, publish_checkpoint, remove_leftovers,
+                                       rotate_checkpoints, staging_folder)
 from lorakit.train.config import TrainConfig
 from lorakit.train.evaluate import evaluate
 
@@ -37,7 +44,46 @@ ADAPTER_NAME = "default"
 
 
 class AdapterTrainer(Trainer):
-    """Trainer whose checkpoints hold the adapter only, in lorakit's (PEFT) format."""
+    """Trainer whose checkpoints hold the adapter only, in lorakit's (PEFT) format, and are
+    published whole or not at all."""
+
+    _staging_root: Path | None = None  # set while a checkpoint is being written
+
+    def _get_output_dir(self, trial) -> str:
+        # Trainer's _save_checkpoint writes <this>/checkpoint-N file by file and then rotates
+        # <this>: pointed at a staging folder, everything it writes (whatever files this
+        # transformers version adds) lands there, and its mtime-ordered rotation sees one folder.
+        return str(self._staging_root) if self._staging_root is not None else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        checkpoints = Path(super()._get_output_dir(trial))
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        stage = staging_folder(checkpoints / name)
+        main = self.args.should_save
+        if main:
+            shutil.rmtree(stage, ignore_errors=True)  # left by a killed run that reached this step
+            stage.mkdir(parents=True)
+        self.accelerator.wait_for_everyone()  # every process writes its own RNG state into the stage
+        self._staging_root = stage
+        try:
+            super()._save_checkpoint(model, trial)
+            self.accelerator.wait_for_everyone()
+            if main:
+                written = stage / name
+                if not written.is_dir():
+                    raise RuntimeError(
+                        f"transformers {transformers.__version__} did not write its checkpoint under "
+                        f"{str(stage)!r}; lorakit's crash-safe checkpoints expect Trainer._save_checkpoint to save "
+                        "into _get_output_dir()/checkpoint-N (true from 4.56 to 5.24); pin transformers to such a version"
+                    )
+                publish_checkpoint(written, checkpoints / name)
+                stage.rmdir()
+                rotate_checkpoints(checkpoints, self.args.save_total_limit)
+        finally:
+            self._staging_root = None
+            if main:  # a failed save (disk full, say) leaves the published checkpoints as they were
+                shutil.rmtree(stage, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if not self.args.should_save:
@@ -112,10 +158,10 @@ def plot_loss_curve(log_history: list[dict], path: Path) -> None:
     axis.set_title("lorakit train")
     axis.grid(alpha=0.3)
     figure.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    figure.savefig(tmp, dpi=100)
+    image = io.BytesIO()
+    figure.savefig(image, format="png", dpi=100)
     plt.close(figure)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, image.getvalue())
 
 
 def format_table(before: dict, after: dict) -> str:
@@ -168,14 +214,42 @@ def training_arguments(config: TrainConfig, checkpoints: Path, progress: bool) -
     )
 
 
+def _is_main_process() -> bool:
+    """Rank 0 of a torchrun / accelerate launch (or a plain run), known before TrainingArguments exist."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def resume_checkpoint(checkpoints: Path, progress: bool, report: bool = True) -> str | None:
+    """The newest complete checkpoint under `checkpoints`; with `report`, says on stderr which
+    newer ones were skipped and why (every process of a distributed run chooses, one reports)."""
+    choice = newest_complete_checkpoint(checkpoints)
+    for folder, problem in choice.skipped if report else ():
+        print(f"lorakit train --resume: skipping {folder.name}: {problem}", file=sys.stderr, flush=True)
+    if choice.chosen is None:
+        if report and (progress or choice.skipped):
+            print(f"no complete checkpoint under {checkpoints}; starting from step 0", file=sys.stderr, flush=True)
+        return None
+    if report and progress:
+        print(f"resuming from {choice.chosen}", flush=True)
+    return str(choice.chosen)
+
+
 def train(config: TrainConfig, resume: bool = False, progress: bool = True, model=None, tokenizer=None) -> dict[str, Any]:
     """Run one fine-tuning job as `config` describes; returns the metrics written to metrics.json.
 
-    `model`/`tokenizer` may be given to skip loading `config.model` (tests, notebooks).
+    `model`/`tokenizer` may be given to skip loading `config.model` (tests, notebooks). Only one
+    run at a time may write a run folder (a second one is refused).
     """
     config.validate()
     run_dir = Path(config.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if not _is_main_process():
+        return _train(config, run_dir, resume, progress, model, tokenizer)
+    with RunLock(run_dir):
+        return _train(config, run_dir, resume, progress, model, tokenizer)
+
+
+def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool, model, tokenizer) -> dict[str, Any]:
     if config.threads:
         torch.set_num_threads(config.threads)
     atomic_write_bytes(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
@@ -231,9 +305,9 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, mode
         model=model, args=args, train_dataset=encoded, data_collator=collate,
         callbacks=callbacks, optimizers=optimizers,
     )
-    last = get_last_checkpoint(str(checkpoints)) if resume and checkpoints.exists() else None
-    if resume and last is None and progress:
-        print(f"no checkpoint under {checkpoints}; starting from step 0")
+    if args.should_save:
+        remove_leftovers(checkpoints)  # a killed run's staging and trash folders
+    last = resume_checkpoint(checkpoints, progress, report=args.should_save) if resume else None
     result = trainer.train(resume_from_checkpoint=last)
 
     after = evaluate(model, tokenizer, eval_examples, **eval_kwargs)
