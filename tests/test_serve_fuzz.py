@@ -44,28 +44,57 @@ hostile_scalar = st.one_of(
 hostile = st.one_of(hostile_scalar, st.lists(hostile_scalar, max_size=4),
                     st.dictionaries(st.text(max_size=5), hostile_scalar, max_size=3))
 token_ids = st.lists(st.integers(min_value=-3, max_value=60_000), min_size=0, max_size=8)
+any_text = st.text(alphabet=st.characters(codec=None, exclude_categories=()), max_size=40)  # surrogates too
 
-common_fields = {
-    "model": st.one_of(st.sampled_from([BASE, "alpha", "beta", "gamma", "../alpha", "alpha\n", ""]), hostile),
-    "max_tokens": st.one_of(st.integers(min_value=-2, max_value=8), hostile),
-    "temperature": st.one_of(st.floats(min_value=0, max_value=3), hostile),
-    "top_p": st.one_of(st.floats(min_value=0, max_value=1), hostile),
-    "seed": st.one_of(st.integers(min_value=-2**70, max_value=2**70), hostile),
-    "stop": st.one_of(st.text(max_size=3), st.lists(st.text(max_size=3), max_size=3), hostile),
-    "stream": st.one_of(st.booleans(), hostile),
-    "n": hostile, "logprobs": hostile, "ignore_eos": st.one_of(st.booleans(), hostile),
-    "stream_options": st.one_of(st.just({"include_usage": True}), hostile),
+# A request is a valid body (every field in its allowed range, its edges drawn often) of which one
+# field is then replaced by a hostile or near-miss value: a bad value reaches the engine beside
+# otherwise valid ones instead of being refused for another field first.
+SEED_EDGES = [0, -1, 2**63 - 1, 2**63, 2**64 - 1, -2**63]
+valid = {
+    "model": st.sampled_from([BASE, "alpha", "beta"]),
+    "max_tokens": st.integers(min_value=1, max_value=8),
+    "temperature": st.one_of(st.floats(min_value=0, max_value=3), st.sampled_from([0.0, 1e-45, 5e-324, 1e-6, 100.0])),
+    "top_p": st.one_of(st.floats(min_value=1e-45, max_value=1), st.sampled_from([1e-45, 5e-324, 1.0])),
+    "seed": st.one_of(st.none(), st.sampled_from(SEED_EDGES), st.integers(min_value=-2**63, max_value=2**64 - 1)),
+    "stop": st.one_of(st.text(min_size=1, max_size=3), st.lists(st.text(min_size=1, max_size=3), max_size=3)),
+    "stream": st.booleans(),
+    "ignore_eos": st.booleans(),
+    "stream_options": st.just({"include_usage": True}),
 }
-completion_body = st.fixed_dictionaries(
-    {"prompt": st.one_of(st.text(alphabet=st.characters(codec=None, exclude_categories=()), max_size=40),
-                         token_ids, st.lists(st.text(max_size=10), max_size=3), hostile)},
-    optional={**common_fields, "echo": hostile})
-message = st.one_of(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant"]),
-                                           "content": st.one_of(st.text(max_size=30), hostile)}), hostile)
-chat_body = st.fixed_dictionaries({"messages": st.one_of(st.lists(message, max_size=3), hostile)},
-                                  optional={**common_fields, "max_completion_tokens": hostile})
-request = st.one_of(st.tuples(st.just("/v1/completions"), completion_body),
-                    st.tuples(st.just("/v1/chat/completions"), chat_body))
+# Just past each field's edges, and the wrong JSON types a client sends by mistake.
+near_misses = {
+    "seed": [2**64, -2**63 - 1, 2**70, -2**70, 1.5, True, "7"],
+    "temperature": [-1e-45, 100.0001, float("nan"), float("inf"), True, "0"],
+    "top_p": [0.0, -0.0, 1.0000001, float("nan"), float("-inf"), True],
+    "max_tokens": [0, -1, 10**12, 2**63, 1.0, True, "4"],
+    "model": ["gamma", "../alpha", "alpha\n", "tiny-base\x00", "", None, 5],
+    "stop": [[""], ["x" * 2000], ["a"] * 20, [None], 5, ["\ud800"]],
+    "stream": ["yes", 1, None],
+    "n": [2, 0, -1], "logprobs": [True, 5], "echo": [True], "max_completion_tokens": [0, -5, 10**9],
+    "prompt": ["", [], [-1], [10**9], [[]], "\ud800", ["\udfff"]],
+    "messages": [[], [{"role": "user"}], [{"role": 1, "content": "x"}], [{"role": "user", "content": "\ud800"}], "hi"],
+}
+
+
+def bad_value(name: str):
+    return st.one_of(st.sampled_from(near_misses[name]), hostile) if name in near_misses else hostile
+
+
+prompts = st.one_of(any_text, token_ids, st.lists(st.text(max_size=10), min_size=1, max_size=3))
+messages = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant"]),
+                                           "content": any_text}), min_size=1, max_size=3)
+extras = ("n", "logprobs", "echo", "max_completion_tokens")
+
+
+@st.composite
+def request(draw):
+    route = draw(st.sampled_from(["/v1/completions", "/v1/chat/completions"]))
+    fields = draw(st.sets(st.sampled_from(sorted(valid)), max_size=len(valid)))
+    body = {name: draw(valid[name]) for name in sorted(fields)}
+    body["prompt" if route == "/v1/completions" else "messages"] = draw(prompts if route == "/v1/completions" else messages)
+    name = draw(st.sampled_from(sorted(set(valid) | set(extras) | {"prompt", "messages"})))
+    body[name] = draw(bad_value(name))
+    return route, body
 
 
 def assert_well_formed(response: httpx.Response) -> None:
@@ -98,12 +127,9 @@ def cells_held_by_requests(engine) -> int:
     return sum(n for owner, n in engine.pool.owners().items() if not owner.startswith("adapter:"))
 
 
-@settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                                   HealthCheck.too_slow])
-@given(request)
-def test_any_request_body_gets_a_well_formed_answer_and_leaves_a_concurrent_request_unharmed(fuzzed, request):
+def check_one(fuzzed, path: str, body) -> None:
+    """The invariant: a well-formed answer, the concurrent canary's exact tokens, no cell left held."""
     engine, client, reference = fuzzed
-    path, body = request
     canary = engine.submit(CANARY_PROMPT, "beta", CANARY)  # running while the fuzzed request arrives
     try:
         data = json.dumps(body, allow_nan=True).encode()  # lone surrogates become \ud800 escapes
@@ -115,6 +141,23 @@ def test_any_request_body_gets_a_well_formed_answer_and_leaves_a_concurrent_requ
     wait_idle(engine)
     assert cells_held_by_requests(engine) == 0
     assert engine.alive
+
+
+@pytest.mark.parametrize("field,value", [(f, v) for f, values in near_misses.items() for v in values],
+                         ids=lambda x: repr(x)[:40])
+def test_each_field_just_past_its_edge_gets_a_well_formed_answer_beside_valid_ones(fuzzed, field, value):
+    path = "/v1/chat/completions" if field in ("messages", "max_completion_tokens") else "/v1/completions"
+    body = {"model": "alpha", "max_tokens": 3, "temperature": 0.7, "seed": 5}
+    body.update({"messages": [{"role": "user", "content": "Hi"}]} if path.endswith("chat/completions") else {"prompt": "Hi"})
+    body[field] = value
+    check_one(fuzzed, path, body)
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                                   HealthCheck.too_slow])
+@given(request())
+def test_any_request_body_gets_a_well_formed_answer_and_leaves_a_concurrent_request_unharmed(fuzzed, request):
+    check_one(fuzzed, *request)
 
 
 def test_the_soak_benchmark_short_form_holds_every_invariant(tmp_path):

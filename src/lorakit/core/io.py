@@ -110,7 +110,7 @@ def _create_temp_file(target: Path) -> tuple[int, Path]:
             continue
 
 
-def _fsync_folder(folder: Path) -> None:
+def fsync_folder(folder: Path) -> None:
     """Make a rename in `folder` durable (a crash after it must not bring the old file back)."""
     with contextlib.suppress(OSError):  # not every platform or file system can open a folder
         fd = os.open(folder, os.O_RDONLY)
@@ -140,7 +140,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_folder(path.parent)
+    fsync_folder(path.parent)
 
 
 def make_staging_folder(out: Path, tag: str) -> Path:
@@ -172,7 +172,7 @@ def staged_folder(out: Path, tag: str, files: Sequence[str]) -> Iterator[Path]:
         else:
             for name in files:
                 os.replace(stage / name, out / name)
-        _fsync_folder(out.parent)
+        fsync_folder(out.parent)
     finally:
         if stage.exists():
             shutil.rmtree(stage)
@@ -201,7 +201,7 @@ def atomic_save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metada
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_folder(path.parent)
+    fsync_folder(path.parent)
 
 
 def _task_type(model: nn.Module) -> str | None:

@@ -244,14 +244,34 @@ class _LimitBody:
     body; a body that arrived is replayed to the app, whose later receive() calls (disconnect
     detection) reach the client's. Waiting for a slow client takes no thread: others are unaffected."""
 
+    DRAIN_SECONDS = 2.0
+
     def __init__(self, app, max_bytes: int, timeout: float) -> None:
         self.app, self.max_bytes, self.timeout = app, max_bytes, timeout
+        # A client still sending when the server answers and closes gets a TCP reset that can destroy
+        # the 413 before it is read; so a body up to 4x the limit is read and dropped first (bounded
+        # in bytes and time, as a web server's lingering close), a larger one is refused at once.
+        self.drain_bytes = 4 * max_bytes
+
+    async def _drain(self, receive, budget: int) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.DRAIN_SECONDS
+        while budget > 0:
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                return
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                return
+            budget -= len(message.get("body", b""))
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            if declared.isdigit() and int(declared) <= self.drain_bytes:
+                await self._drain(receive, int(declared))
             return await self._refuse(send, RequestTooLarge(self._too_large(declared.decode("latin-1"))))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
@@ -268,6 +288,8 @@ class _LimitBody:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.max_bytes:
+                if message.get("more_body", False):
+                    await self._drain(receive, self.drain_bytes - size)
                 return await self._refuse(send, RequestTooLarge(self._too_large(f"more than {self.max_bytes}")))
             if not message.get("more_body", False):
                 break

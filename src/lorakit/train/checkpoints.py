@@ -35,8 +35,7 @@ from typing import IO
 from safetensors import SafetensorError, safe_open
 
 from lorakit.core.errors import ConfigError
-from lorakit.core.io import TEMP_MARK, atomic_write_json, remove_stale_temps, temp_path_for
-from lorakit.core.io import _fsync_folder as fsync_folder
+from lorakit.core.io import TEMP_MARK, atomic_write_json, fsync_folder, remove_stale_temps, temp_path_for
 
 try:
     import fcntl
