@@ -778,6 +778,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help=f"[{d.dtype}]")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--model", default=None, help="base model for lorakit.models.load [the default model]")
+    parser.add_argument("--random-init-from", type=Path, default=None, metavar="DIR",
+                        help="instead of --model: a random-init model from DIR/config.json, with the tokenizer files in "
+                             "DIR (same compute as the real model, for machines without it; see bench/gpu_check.sh)")
+    parser.add_argument("--gsm8k", type=Path, default=GSM8K, metavar="DIR",
+                        help=f"folder holding GSM8K's test.jsonl, the prompts' text [{GSM8K}]")
     parser.add_argument("--out", type=Path, default=None, help="markdown file (default bench/results/serve_<device>[_quick].md)")
     return parser.parse_args(argv)
 
@@ -810,15 +815,27 @@ def main(argv: list[str] | None = None) -> BenchResult:
         torch.set_num_threads(args.threads)
     settings = settings_from_args(args)
     settings.validate()
+    if torch.device(settings.device).type == "cpu":
+        from lorakit.core.precision import flush_denormals
+
+        flush_denormals()  # as lorakit serve does on a CPU; process-wide, so every system alike
     transformers.logging.set_verbosity_error()  # generate's notes on unused sampling fields
     given = sys.argv[1:] if argv is None else argv
     command = shlex.join(["python", "bench/serve.py", *given])
-    env = step_bench.environment(step_bench.Settings(device=settings.device))
+    env = step_bench.environment(step_bench.Settings(device=settings.device, dtype=settings.dtype))
     print("serving benchmark (lorakit engine vs PEFT, S-LoRA's workload)")
     for key, value in env.items():
         print(f"  {key}: {value}")
-    model, tokenizer = lorakit.models.load(args.model)
-    questions = question_tokens(tokenizer, GSM8K / "test.jsonl")
+    if args.random_init_from is not None:
+        from transformers import AutoTokenizer
+
+        model = step_bench.random_init_factory(args.random_init_from)()
+        tokenizer = AutoTokenizer.from_pretrained(args.random_init_from, local_files_only=True)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    else:
+        model, tokenizer = lorakit.models.load(args.model)
+    questions = question_tokens(tokenizer, args.gsm8k / "test.jsonl")
     root = Path(tempfile.mkdtemp(prefix="lorakit-serve-bench-"))
     try:
         result = measure(model, tokenizer, settings, root, questions, log=lambda line: print(line, flush=True))

@@ -105,6 +105,7 @@ class Report:
     health: Counter = field(default_factory=Counter)
     rss_start_mib: float = 0.0
     rss_end_mib: float = 0.0
+    rss_samples: list[tuple[float, float]] = field(default_factory=list)  # (seconds into the run, MiB)
     leaked_cells: int | None = None
     pool_cells: int | None = None
     seconds: float = 0.0
@@ -206,7 +207,10 @@ def free_port() -> int:
 def start_server(model_dir: Path, root: Path, port: int, settings: Settings, log: Path) -> subprocess.Popen:
     command = [sys.executable, "-m", "lorakit", "serve", "--model", str(model_dir), "--adapters", str(root),
                "--host", "127.0.0.1", "--port", str(port), "--max-batch-size", "8", "--max-queue", "64",
-               "--max-body-bytes", str(settings.max_body_bytes), "--body-timeout", "5", "--shutdown-timeout", "10"]
+               "--max-body-bytes", str(settings.max_body_bytes), "--body-timeout", "5", "--shutdown-timeout", "10",
+               # float32: a row's answer is independent of its batch-mates only there (in bf16 the rounding
+               # of a row depends on the batch's shape, so greedy answers may differ from the one alone)
+               "--dtype", "float32"]
     env = {**os.environ, "OMP_NUM_THREADS": str(settings.threads), "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": str(REPO_ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     return subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
@@ -484,10 +488,12 @@ class Soak:
                         else "slow-body" if roll < 0.63 else rng.choice(sorted(self.hostile)))
             self.report.outcomes.extend(await self.one(kind, index, rng))
 
-    async def watch_health(self, deadline: float) -> None:
+    async def watch_health(self, pid: int, start: float, deadline: float) -> None:
+        """/health twice a second, and the server's RSS (so growth can be told from a plateau)."""
         while time.monotonic() < deadline:
             status, _ = await http(self.port, "GET", "/health", timeout=10)
             self.report.health[str(status) if isinstance(status, int) else "error"] += 1
+            self.report.rss_samples.append((time.monotonic() - start, rss_mib(pid)))
             await asyncio.sleep(0.5)
 
     async def pool_state(self) -> tuple[int | None, int | None, int, int]:
@@ -508,7 +514,7 @@ class Soak:
         self.report.rss_start_mib = rss_mib(pid)
         start = time.monotonic()
         deadline = start + self.settings.seconds
-        await asyncio.gather(self.watch_health(deadline),
+        await asyncio.gather(self.watch_health(pid, start, deadline),
                              *(self.worker(i, deadline) for i in range(self.settings.clients)))
         self.report.seconds = time.monotonic() - start
         for _ in range(120):  # disconnected requests are cancelled at the next step; wait for idle
@@ -584,6 +590,16 @@ def run(settings: Settings, work: Path) -> Report:
                 server.wait()
 
 
+def rss_by_fifth(report: Report) -> str:
+    """RSS (MiB) at the end of each fifth of the run: a plateau is allocator warm-up, a steady climb a leak."""
+    samples = report.rss_samples
+    if not samples:
+        return "n/a"
+    marks = [report.seconds * k / 5 for k in range(1, 6)]
+    picked = [min(samples, key=lambda sample: abs(sample[0] - mark))[1] for mark in marks]
+    return " / ".join(f"{mib:.0f}" for mib in picked)
+
+
 def format_markdown(report: Report, env: dict[str, str], command: str) -> str:
     s = report.settings
     by_status = Counter(str(o.status) for o in report.outcomes)
@@ -606,6 +622,7 @@ def format_markdown(report: Report, env: dict[str, str], command: str) -> str:
               f"| pool cells held by requests once idle (must be 0) | {report.leaked_cells} of {report.pool_cells} |",
               f"| /health answers during the run | {dict(sorted(report.health.items()))} |",
               f"| server RSS start -> end | {report.rss_start_mib:.0f} -> {report.rss_end_mib:.0f} MiB |",
+              f"| server RSS at each fifth of the run | {rss_by_fifth(report)} |",
               f"| server alive at the end | {report.server_alive} |", "",
               "Responses by status: " + ", ".join(f"{k}: {v}" for k, v in sorted(by_status.items())), "",
               "| request class | answers by status |", "|---|---|"]
@@ -641,6 +658,7 @@ def main(argv: list[str] | None = None) -> Report:
     with tempfile.TemporaryDirectory(prefix="lorakit-soak-") as work:
         report = run(settings, Path(work))
     env = step_bench.environment(SimpleNamespace(device="cpu", dtype="float32"))
+    env["threads"] = f"{settings.threads} in the server (OMP_NUM_THREADS), clients in this process"
     text = format_markdown(report, env, command.strip())
     print(text)
     out = settings.out or REPO_ROOT / "bench" / "results" / f"soak_cpu{'_quick' if settings.quick else ''}.md"

@@ -10,6 +10,14 @@ memory figure (see below) and the ratios lorakit / PEFT; the target is <= 1.0 fo
 each step also records the share of its threads' time the process got, so steps slowed down by
 other processes are flagged rather than silently mixed in.
 
+Precision (`--dtype`). float32: everything in float32, as before. bfloat16: lorakit's
+mixed-precision recipe (`lorakit.core.precision`) for both frameworks alike -- base weights stored in
+bf16, each step under `torch.autocast(device, bfloat16)`, adapter parameters and AdamW state in
+float32, the loss in float32 -- on CPU and CUDA. The setup printed names the dtype, what the
+device's bf16 support was decided from (CPU flags and torch's kernels, or the CUDA device), and the
+measured throughput of a 256x576 @ 576x1536 product in each dtype, so results from different
+machines can be read side by side.
+
 Memory. On CUDA, the allocator's peak during a step minus what was allocated just before it
 (the resident models and AdamW state), median over the timed steps. On every device, also an
 accounting of what a step adds, measured on the last warm-up step: the bytes of the unique
@@ -19,6 +27,7 @@ CPU there is no allocator peak counter, so that accounting is the memory figure 
 
     .venv/bin/python bench/train_step.py            # default model, CPU or CUDA (auto)
     .venv/bin/python bench/train_step.py --quick    # seconds-long smoke run
+    .venv/bin/python bench/train_step.py --dtype bfloat16 --out bench/results/train_step_cpu_bf16.md
 """
 
 from __future__ import annotations
@@ -39,6 +48,8 @@ from typing import Callable
 
 import torch
 from torch import nn
+
+from lorakit.core import precision
 
 FRAMEWORKS = ("lorakit", "peft")
 # On CPU, a step whose process got less than this share of its threads' wall time ran beside
@@ -65,6 +76,7 @@ class Settings:
     alpha: float = 32.0
     lr: float = 1e-4
     seed: int = 0
+    loss: str = "fused"  # "fused": lorakit.train.loss (what lorakit train runs); "hf": model(**batch).loss
 
     def validate(self) -> None:
         for name in ("steps", "rounds", "warmup", "batch_size", "seq_len", "rank"):
@@ -72,11 +84,14 @@ class Settings:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r}; expected one of {sorted(DTYPES)}")
-        if self.dtype == "bfloat16" and torch.device(self.device).type != "cuda":
-            raise ValueError("dtype='bfloat16' is only benchmarked on CUDA; use float32 on CPU")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss={self.loss!r}; expected one of {', '.join(LOSSES)}")
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = precision.DTYPES
+LOSSES = ("fused", "hf")
+LOSS_NAMES = {"fused": "lorakit.train.loss (fused head + cross-entropy, as lorakit train)",
+              "hf": "transformers' model(**batch).loss"}
 
 
 @dataclass
@@ -91,6 +106,7 @@ class FrameworkResult:
     cuda_peak_bytes: list[int] = field(default_factory=list)  # per timed step, above the resident set
     cpu_share: list[float] = field(default_factory=list)  # CPU only: process CPU time / (wall time x threads)
     loss: float = math.nan  # loss of the accounted warm-up step (a sanity check, not a result)
+    dtypes: str = ""  # what ran, read off the accounted step: frozen weights, trainable, AdamW state, logits, loss
 
     @property
     def median_time_s(self) -> float:
@@ -164,9 +180,24 @@ ADAPT = {"lorakit": with_lorakit, "peft": with_peft}
 
 
 # --- one step ----------------------------------------------------------------------------------
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """One optimisation step on `batch` (model inputs including `labels`); returns the loss."""
-    loss = model(**batch, use_cache=False).loss
+def step_loss(model: nn.Module, batch: dict[str, torch.Tensor], loss: str = "fused"):
+    """(loss, logits or None): lorakit's fused head + cross-entropy where it applies (the loss
+    `lorakit train` computes; the same for both frameworks), else transformers' own."""
+    from lorakit.train.loss import causal_lm_loss, fused_loss_supported
+
+    if loss == "fused" and fused_loss_supported(model):
+        return causal_lm_loss(model, batch), None
+    output = model(**batch, use_cache=False)
+    return output.loss, output.logits
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
+               dtype: torch.dtype = torch.float32, loss_kind: str = "fused") -> torch.Tensor:
+    """One optimisation step on `batch` (model inputs including `labels`) computed in `dtype`
+    (`precision.autocast`); returns the loss."""
+    device = next(model.parameters()).device
+    with precision.autocast(dtype, device, batch["input_ids"].shape[-1]):
+        loss = step_loss(model, batch, loss_kind)[0]
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -178,7 +209,7 @@ def _tensor_bytes(t: torch.Tensor) -> int:
 
 
 def accounted_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
-                   result: FrameworkResult) -> None:
+                   result: FrameworkResult, dtype: torch.dtype = torch.float32, loss_kind: str = "fused") -> None:
     """One (untimed) step that records what it adds: saved-for-backward storages and training state."""
     resident = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
     saved: dict[int, int] = {}  # storage address -> bytes; a storage saved twice counts once
@@ -189,10 +220,13 @@ def accounted_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: di
             saved[storage.data_ptr()] = storage.nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(**batch, use_cache=False).loss
+    device = next(model.parameters()).device
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            precision.autocast(dtype, device, batch["input_ids"].shape[-1]):
+        loss, logits = step_loss(model, batch, loss_kind)
     loss.backward()
     trainable = [p for p in model.parameters() if p.requires_grad]
+    frozen = [p for p in model.parameters() if not p.requires_grad]
     grad_bytes = sum(_tensor_bytes(p.grad) for p in trainable if p.grad is not None)
     optimizer.step()
     adam_bytes = sum(_tensor_bytes(v) for state in optimizer.state.values() for v in state.values()
@@ -201,6 +235,14 @@ def accounted_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: di
     result.saved_bytes = sum(saved.values())
     result.state_bytes = sum(_tensor_bytes(p) for p in trainable) + grad_bytes + adam_bytes
     result.loss = loss.item()
+
+    def names(tensors) -> str:
+        return "/".join(sorted({precision.dtype_name(t.dtype) for t in tensors})) or "none"
+
+    state = [v for st in optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor) and v.dim()]
+    result.dtypes = (f"frozen weights {names(frozen)}, trainable {names(trainable)}, AdamW state {names(state)}, "
+                     f"logits {names([logits]) if logits is not None else 'never materialised (fused head + loss)'}, "
+                     f"loss {names([loss])}")
 
 
 def _sync(device: torch.device) -> None:
@@ -226,8 +268,11 @@ def measure(model_factory: Callable[[], nn.Module], settings: Settings,
             vocab_size = config.vocab_size
             model_name = f"{getattr(config, '_name_or_path', '') or 'random init'} ({type(base).__name__})"
             model_params = sum(p.numel() for p in base.parameters())
+        # The recipe of lorakit.core.precision for both: base weights stored in `dtype`, adapters
+        # float32 (lorakit.inject and PEFT's get_peft_model both keep adapters fp32 on a bf16 base).
+        precision.prepare_model(base.to(device), dtype)
         torch.manual_seed(settings.seed)  # same adapter initialisation stream for both
-        model = ADAPT[name](base, settings).to(device=device, dtype=dtype)
+        model = ADAPT[name](base, settings).to(device)
         model.train()
         trainable = [p for p in model.parameters() if p.requires_grad]
         models[name] = model
@@ -244,9 +289,9 @@ def measure(model_factory: Callable[[], nn.Module], settings: Settings,
     for name in FRAMEWORKS:
         for i in range(settings.warmup):
             if i == settings.warmup - 1:
-                accounted_step(models[name], optimizers[name], batch, results[name])
+                accounted_step(models[name], optimizers[name], batch, results[name], dtype, settings.loss)
             else:
-                train_step(models[name], optimizers[name], batch)
+                train_step(models[name], optimizers[name], batch, dtype, settings.loss)
         _sync(device)
         log(f"  warm-up {name}: {settings.warmup} step(s), loss {results[name].loss:.3f}")
 
@@ -261,7 +306,7 @@ def measure(model_factory: Callable[[], nn.Module], settings: Settings,
                     torch.cuda.reset_peak_memory_stats(device)
                     before = torch.cuda.memory_allocated(device)
                 start, start_cpu = time.perf_counter(), time.process_time()
-                train_step(model, optimizer, batch)
+                train_step(model, optimizer, batch, dtype, settings.loss)
                 _sync(device)
                 wall = time.perf_counter() - start
                 result.step_times_s.append(wall)
@@ -287,17 +332,7 @@ def environment(settings: Settings) -> dict[str, str]:
     import lorakit
 
     device = torch.device(settings.device)
-    if device.type == "cuda":
-        device_name = torch.cuda.get_device_name(device)
-    else:
-        device_name = platform.processor() or platform.machine()
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    device_name = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else precision.cpu_model()
     try:
         commit = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
                                 capture_output=True, text=True, timeout=10).stdout.strip() or "unknown"
@@ -311,7 +346,12 @@ def environment(settings: Settings) -> dict[str, str]:
         "device": f"{device} ({device_name})",
         "dtype": settings.dtype + (f" (float32 matmul precision: {torch.get_float32_matmul_precision()})"
                                    if settings.dtype == "float32" else ""),
+        "CPU vector/matrix flags": " ".join(sorted(f for f in precision.cpu_flags() if f.startswith(("avx", "amx", "fma"))))
+                                   or "unknown (no /proc/cpuinfo)",
+        "bf16 support": f"{'fast' if precision.bf16_support(device.type).fast else 'NOT fast (emulated)'}: "
+                        f"{precision.bf16_support(device.type).evidence}",
         "threads": str(torch.get_num_threads()),
+        "matmul peak (256x576 @ 576x1536, measured)": matmul_peaks(device),
         "torch": torch.__version__ + (f", CUDA {torch.version.cuda}" if device.type == "cuda" else ""),
         "transformers": transformers.__version__,
         "peft": peft.__version__,
@@ -319,6 +359,14 @@ def environment(settings: Settings) -> dict[str, str]:
         "python": platform.python_version(),
         "load average (1 min)": _load_average(),
     }
+
+
+def matmul_peaks(device: torch.device) -> str:
+    """Measured GFLOP/s of the probe product in each dtype at the current thread count: the
+    machine's ceiling, against which a step's speed-up in bf16 is read."""
+    peaks = {name: precision.matmul_gflops(dtype, device) for name, dtype in DTYPES.items()}
+    return (", ".join(f"{name} {value:.0f} GFLOP/s" for name, value in peaks.items())
+            + f" (bf16/fp32 {peaks['bfloat16'] / peaks['float32']:.2f}x)")
 
 
 def _load_average() -> str:
@@ -335,7 +383,7 @@ def describe(result: BenchResult) -> str:
     return (f"LoRA r={s.rank} alpha={s.alpha:g} dropout 0 on all linear layers except the head of "
             f"{result.model_name}, {result.model_params / 1e6:.1f}M base parameters, {trainable:,} trainable; "
             f"batch {s.batch_size} x {s.seq_len} random token ids (seed {s.seed}), labels = inputs; "
-            f"AdamW lr {s.lr:g}; step = forward + backward + optimizer.step + zero_grad; "
+            f"AdamW lr {s.lr:g}; loss {LOSS_NAMES[s.loss]}; step = forward + backward + optimizer.step + zero_grad; "
             f"{s.warmup} warm-up step(s) each, then {s.rounds} round(s) x {s.steps} step(s) each, "
             f"alternating lorakit/peft (order swapped every round)")
 
@@ -427,6 +475,8 @@ def format_text(result: BenchResult, env: dict[str, str]) -> str:
     if note:
         lines.append("  " + note)
     for name in FRAMEWORKS:
+        lines.append(f"  dtypes {name}: {result.results[name].dtypes}")
+    for name in FRAMEWORKS:
         lines.append(f"  raw step times {name} (ms): {_raw_times(result.results[name])}")
     return "\n".join(lines)
 
@@ -451,6 +501,10 @@ def format_markdown(result: BenchResult, env: dict[str, str], command: str) -> s
         f"(target <= 1.0: {_verdict(result.memory_ratio())})",
         "",
         *([contention_note(result), ""] if contention_note(result) else []),
+        "What ran (read off the accounted warm-up step):",
+        "",
+        *[f"- {name}: {result.results[name].dtypes}" for name in FRAMEWORKS],
+        "",
         "Raw step times (ms, in the order run"
         + ("; on CPU with the share of the threads' time the process got" if any(
             r.cpu_share for r in result.results.values()) else "") + "):",
@@ -473,7 +527,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = Settings()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="auto", help="'auto' (default: cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1'")
-    parser.add_argument("--dtype", default=defaults.dtype, choices=sorted(DTYPES), help="model and adapter dtype [float32]; bfloat16 on CUDA only")
+    parser.add_argument("--dtype", default=defaults.dtype, choices=sorted(DTYPES),
+                        help="float32, or bfloat16: base weights in bf16, steps under autocast, adapters and AdamW "
+                             "state in float32 (lorakit.core.precision) [float32]")
 
     def on(key: str) -> str:
         return f"[{getattr(defaults, key)} on CPU, {CUDA_DEFAULTS[key]} on CUDA]"
@@ -485,6 +541,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=None, help=f"tokens per sequence [{defaults.seq_len}]")
     parser.add_argument("--rank", type=int, default=defaults.rank, help=f"LoRA rank r, alpha = 2 r [{defaults.rank}]")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the token ids and adapter init [0]")
+    parser.add_argument("--loss", default=defaults.loss, choices=LOSSES,
+                        help="fused: lorakit.train.loss, what lorakit train runs; hf: model(**batch).loss [fused]")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()) + " (explicit options win)")
@@ -504,7 +562,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     for key in ("steps", "rounds", "warmup", "batch_size", "seq_len"):
         if getattr(args, key) is not None:
             chosen[key] = getattr(args, key)
-    return Settings(device=device, dtype=args.dtype, rank=args.rank, alpha=2.0 * args.rank, seed=args.seed, **chosen)
+    return Settings(device=device, dtype=args.dtype, rank=args.rank, alpha=2.0 * args.rank, seed=args.seed,
+                    loss=args.loss, **chosen)
 
 
 def random_init_factory(config_dir: Path) -> Callable[[], nn.Module]:
@@ -532,8 +591,11 @@ def main(argv: list[str] | None = None) -> BenchResult:
         torch.set_num_threads(args.threads)
     settings = settings_from_args(args)
     settings.validate()
+    if torch.device(settings.device).type == "cpu":
+        precision.flush_denormals()  # as `lorakit train` does for its run; this process is the benchmark's
     out = args.out or REPO_ROOT / "bench" / "results" / (
-        f"train_step_{torch.device(settings.device).type}{'_quick' if args.quick else ''}.md")
+        f"train_step_{torch.device(settings.device).type}{'_bf16' if settings.dtype == 'bfloat16' else ''}"
+        f"{'_quick' if args.quick else ''}.md")
     given = sys.argv[1:] if argv is None else argv
     command = shlex.join(["python", "bench/train_step.py", *given])  # run from the repository root
     env = environment(settings)

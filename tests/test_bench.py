@@ -51,6 +51,18 @@ def test_both_frameworks_train_the_same_parameters_and_state(tiny_result):
     assert lorakit_result.state_bytes == peft_result.state_bytes
 
 
+def test_bf16_run_on_cpu_stores_the_base_in_bf16_and_trains_float32_master_weights(train_step_bench):
+    settings = train_step_bench.Settings(device="cpu", dtype="bfloat16", steps=1, rounds=1, warmup=1, batch_size=2,
+                                         seq_len=16, rank=4, alpha=8.0)
+    result = train_step_bench.measure(tiny_llama, settings)
+    for name in ("lorakit", "peft"):
+        assert result.results[name].dtypes == ("frozen weights bfloat16, trainable float32, AdamW state float32, "
+                                               "logits never materialised (fused head + loss), loss float32")
+        assert math.isfinite(result.results[name].loss)
+    text = train_step_bench.format_markdown(result, {"device": "cpu (test)"}, "python bench/train_step.py --dtype bfloat16")
+    assert "frozen weights bfloat16, trainable float32" in text
+
+
 def test_markdown_report_names_the_command_and_the_memory_measure(train_step_bench, tiny_result):
     env = {"device": "cpu (test)"}
     text = train_step_bench.format_markdown(tiny_result, env, "python bench/train_step.py --quick")

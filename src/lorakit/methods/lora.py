@@ -234,19 +234,21 @@ class LoraAdapter(Adapter):
         return torch.linalg.norm(base_weight + self.scaling * self.lora_weight(), dim=1)
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base: nn.Module) -> torch.Tensor:
-        if x.dtype != self.lora_A.weight.dtype:  # a no-op .to() still costs a dispatch per layer
-            x = x.to(self.lora_A.weight.dtype)
+        # Under autocast (lorakit.core.precision) the products run in the compute dtype anyway: an
+        # upcast of x here would only add a copy of the activations and its backward per layer.
+        if x.dtype != self.lora_A.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.lora_A.weight.dtype)  # (checked first: a no-op .to() still costs a dispatch)
         dropped = self.lora_dropout(x)
         update = self.lora_B(self.lora_A(dropped)) * self.scaling
         if not self.use_dora:
             return base_out + (update if update.dtype == base_out.dtype else update.to(base_out.dtype))
         weight = base.weight.T if not isinstance(base, nn.Linear) else base.weight
-        weight = weight.to(x.dtype)
+        weight = weight.to(self.lora_A.weight.dtype)  # the norm in the adapter's dtype, also under autocast
         norm = self._column_norm(weight).detach()  # DoRA section 4.3: no gradient through the norm
         magnitude_scale = self.lora_magnitude_vector / norm
         if isinstance(self.lora_dropout, nn.Identity) or not self.training:
             base_no_bias = base_out if base.bias is None else base_out - base.bias
-            base_no_bias = base_no_bias.to(x.dtype)
+            base_no_bias = base_no_bias.to(weight.dtype)
         else:  # the base term must see the same dropped input as the update
             base_no_bias = F.linear(dropped, weight)
         dora = (magnitude_scale - 1) * base_no_bias + magnitude_scale * update

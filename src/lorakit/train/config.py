@@ -42,6 +42,10 @@ class TrainConfig:
     "lamda++", ...) and its options; the final per-module ranks are printed and saved in the adapter.
     A policy that needs its own adapter family ("adalora") selects it when `method` is left at "lora".
     eval_examples: held-out examples scored (loss and exact match); max_new_tokens for generation.
+    dtype: "auto", "float32" or "bfloat16" (`lorakit.core.precision`): bfloat16 stores the base
+    weights in bf16 and computes under bf16 autocast, with the adapter and optimizer state in
+    float32; "auto" is bfloat16 where the hardware runs bf16 products fast, float32 elsewhere (for a
+    model passed to `train(model=...)`, "auto" keeps the dtype that model has).
     """
 
     model: str = "smollm2-135m-instruct"
@@ -77,6 +81,7 @@ class TrainConfig:
     eval_batch_size: int = 32
     max_new_tokens: int = 16
     threads: int | None = None
+    dtype: str = "auto"
 
     def __post_init__(self) -> None:
         if self.output_dir is None:
@@ -108,6 +113,10 @@ class TrainConfig:
             raise ConfigError(f"lisa_layers={self.lisa_layers!r} is invalid: it must be an integer >= 0 (0: LISA off)")
         if isinstance(self.lisa_interval, bool) or not isinstance(self.lisa_interval, int) or self.lisa_interval <= 0:
             raise ConfigError(f"lisa_interval={self.lisa_interval!r} is invalid: it must be a positive integer")
+        from lorakit.core.precision import DTYPE_CHOICES
+
+        if self.dtype not in DTYPE_CHOICES:
+            raise ConfigError(f"dtype={self.dtype!r} is invalid: expected one of {', '.join(DTYPE_CHOICES)}")
         from lorakit.optim import optimizer_options
 
         optimizer_options(self.optimizer, self.optimizer_options)

@@ -25,6 +25,7 @@ import yaml
 from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from lorakit.core import precision
 from lorakit.core.errors import ConfigError
 from lorakit.core.inject import inject, trainable_parameters
 from lorakit.core.io import atomic_write_bytes, atomic_write_json, load_adapter_weights, save_adapter
@@ -39,6 +40,7 @@ from lorakit.train.checkpoints import (RunLock, newest_complete_checkpoint, publ
                                        rotate_checkpoints, staging_folder)
 from lorakit.train.config import TrainConfig
 from lorakit.train.evaluate import evaluate
+from lorakit.train.loss import causal_lm_loss, fused_loss_supported
 
 ADAPTER_NAME = "default"
 
@@ -48,6 +50,20 @@ class AdapterTrainer(Trainer):
     published whole or not at all."""
 
     _staging_root: Path | None = None  # set while a checkpoint is being written
+    compute_dtype: torch.dtype = torch.float32  # the run's dtype (lorakit.core.precision); set by train()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The step's loss under the run's precision (bf16 autocast, or nothing for float32), through
+        the fused head + cross-entropy (`lorakit.train.loss`) where it gives the model's own loss."""
+        seq_len = inputs["input_ids"].shape[-1] if "input_ids" in inputs else None
+        with precision.autocast(self.compute_dtype, self.args.device, seq_len):
+            if return_outputs or "labels" not in inputs or model is not self.accelerator.unwrap_model(model) \
+                    or not fused_loss_supported(model):
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            loss = causal_lm_loss(model, inputs, num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # what Trainer.compute_loss does with the model's loss
+        return loss
 
     def _get_output_dir(self, trial) -> str:
         # Trainer's _save_checkpoint writes <this>/checkpoint-N file by file and then rotates
@@ -243,10 +259,11 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, mode
     config.validate()
     run_dir = Path(config.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if not _is_main_process():
-        return _train(config, run_dir, resume, progress, model, tokenizer)
-    with RunLock(run_dir):
-        return _train(config, run_dir, resume, progress, model, tokenizer)
+    with precision.denormals_flushed():  # CPU only; the caller's setting comes back afterwards
+        if not _is_main_process():
+            return _train(config, run_dir, resume, progress, model, tokenizer)
+        with RunLock(run_dir):
+            return _train(config, run_dir, resume, progress, model, tokenizer)
 
 
 def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool, model, tokenizer) -> dict[str, Any]:
@@ -254,12 +271,23 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool, mod
         torch.set_num_threads(config.threads)
     atomic_write_bytes(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
     set_seed(config.seed)
-    if model is None:
-        model, tokenizer = load_model(config.model)
-    train_examples, eval_examples = prepare_examples(config)
     checkpoints = run_dir / "checkpoints"
     args = training_arguments(config, checkpoints, progress)
+    if model is None:
+        dtype = precision.resolve_dtype(config.dtype, args.device)
+        model, tokenizer = load_model(config.model, dtype=dtype)
+    elif config.dtype == "auto":  # a model the caller built: "auto" trains it in the dtype it has, unconverted
+        own = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        dtype = torch.bfloat16 if own == torch.bfloat16 else torch.float32
+    else:
+        dtype = precision.resolve_dtype(config.dtype, args.device)
+        precision.prepare_model(model, dtype)
+    train_examples, eval_examples = prepare_examples(config)
     model.to(args.device)  # evaluate where Trainer will train (a GPU when there is one)
+    if progress:
+        support = precision.bf16_support(args.device.type)
+        print(f"dtype: {precision.dtype_name(dtype)} (--dtype {config.dtype}; bf16 on {args.device.type} "
+              f"{'fast' if support.fast else 'not fast'}: {support.evidence})", flush=True)
     eval_kwargs = dict(max_length=config.max_length, max_new_tokens=config.max_new_tokens,
                        batch_size=config.eval_batch_size, progress=progress)
 
@@ -305,6 +333,7 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool, mod
         model=model, args=args, train_dataset=encoded, data_collator=collate,
         callbacks=callbacks, optimizers=optimizers,
     )
+    trainer.compute_dtype = dtype
     if args.should_save:
         remove_leftovers(checkpoints)  # a killed run's staging and trash folders
     last = resume_checkpoint(checkpoints, progress, report=args.should_save) if resume else None
@@ -324,6 +353,7 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool, mod
             "trainable_parameters": trainable,
             "total_parameters": total,
             "resumed_from": last,
+            "dtype": precision.dtype_name(dtype),
         },
         "log_history": trainer.state.log_history,
     }
