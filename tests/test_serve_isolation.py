@@ -381,3 +381,15 @@ class _CountingTokenizer:
 
     def __getattr__(self, name):
         return getattr(self._tokenizer, name)
+
+
+@pytest.mark.parametrize("flag,value", [("--max-body-bytes", "0"), ("--body-timeout", "-1"), ("--stall-timeout", "nan"),
+                                        ("--max-prompt-chars", "x"), ("--max-queue", "-5"), ("--host-cache-mb", "inf"),
+                                        ("--shutdown-timeout", "0"), ("--max-batch-size", "1.5")])
+def test_serve_refuses_a_bad_limit_before_loading_any_model(flag, value, capsys):
+    from lorakit.cli.main import build_parser
+
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["serve", flag, value])
+    assert exited.value.code == 2
+    assert f"argument {flag}" in capsys.readouterr().err

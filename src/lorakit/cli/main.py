@@ -40,6 +40,21 @@ def parse_target_modules(text: str) -> str | list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def _positive(kind: type):
+    """An argparse type: a number of `kind` above 0, else a usage error naming the value (before
+    any model is loaded)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
+        if not value > 0 or value != value or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"{text!r} must be a finite number above 0")
+        return value
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -250,25 +265,25 @@ def _serve_parser(sub) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 for every interface)")
     parser.add_argument("--port", type=int, default=8000, help="(default: 8000)")
     parser.add_argument("--served-model-name", help="the base model's name in requests and /v1/models (default: --model, or the embedded model's Hub id)")
-    parser.add_argument("--max-batch-size", type=int, default=16, help="most requests decoded together (default: 16)")
-    parser.add_argument("--max-adapters-per-step", type=int, default=16,
+    parser.add_argument("--max-batch-size", type=_positive(int), default=16, help="most requests decoded together (default: 16)")
+    parser.add_argument("--max-adapters-per-step", type=_positive(int), default=16,
                         help="most distinct adapters in one batch (default: 16)")
-    parser.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond which the server answers 429 (default: 256)")
-    parser.add_argument("--host-cache-mb", type=float, default=2048, help="host-memory LRU cache of adapter weights, MiB (default: 2048)")
-    parser.add_argument("--device-budget-mb", type=float, help="unified device pool for the KV cache and resident adapters, MiB (default: 2048)")
+    parser.add_argument("--max-queue", type=_positive(int), default=256, help="waiting requests beyond which the server answers 429 (default: 256)")
+    parser.add_argument("--host-cache-mb", type=_positive(float), default=2048, help="host-memory LRU cache of adapter weights, MiB (default: 2048)")
+    parser.add_argument("--device-budget-mb", type=_positive(float), help="unified device pool for the KV cache and resident adapters, MiB (default: 2048)")
     parser.add_argument("--mode", choices=["segment", "bmm"], default="segment", help="batched-LoRA evaluation (default: segment)")
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32", help=DTYPE_HELP.format(
         default="float32: measured on an AVX512-BF16 CPU, bf16 makes the base 1.46x faster but the multi-adapter "
         "path 0.92x, see README"))
     parser.add_argument("--device", help="where the model runs (default: cuda if available, else cpu)")
-    parser.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds running requests get to finish on Ctrl-C / SIGTERM (default: 30)")
-    parser.add_argument("--max-body-bytes", type=int, default=8 * 2**20, help="largest request body; larger ones get 413 (default: 8 MiB)")
-    parser.add_argument("--body-timeout", type=float, default=30.0,
+    parser.add_argument("--shutdown-timeout", type=_positive(float), default=30.0, help="seconds running requests get to finish on Ctrl-C / SIGTERM (default: 30)")
+    parser.add_argument("--max-body-bytes", type=_positive(int), default=8 * 2**20, help="largest request body; larger ones get 413 (default: 8 MiB)")
+    parser.add_argument("--body-timeout", type=_positive(float), default=30.0,
                         help="seconds a client has to send its whole request body; slower ones get 408 (default: 30)")
-    parser.add_argument("--max-prompt-chars", type=int,
+    parser.add_argument("--max-prompt-chars", type=_positive(int),
                         help="longest prompt (or chat messages together) in characters, refused before tokenizing "
                         "(default: 32 per token of the model's context)")
-    parser.add_argument("--stall-timeout", type=float, default=30.0,
+    parser.add_argument("--stall-timeout", type=_positive(float), default=30.0,
                         help="seconds the engine may go without a loop iteration, or without progress while requests "
                         "wait, before /health answers 503 (default: 30)")
 
